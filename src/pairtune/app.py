@@ -1,0 +1,46 @@
+"""What every entry point does first: logging, quiet third-party chatter, settings, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
+
+from pairtune.config import ConfigError
+from pairtune.data import PairDataError
+
+T = TypeVar("T")
+
+#: Errors a user can fix; they end the process with one line on stderr and exit status 2.
+USER_ERRORS = (ConfigError, PairDataError)
+
+
+def quiet_third_party() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "sentence_transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:
+    """Turn a configuration or data error into ``pairtune: error: <message>`` and exit status 2."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"pairtune: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

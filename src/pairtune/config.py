@@ -1,0 +1,182 @@
+"""Structured configuration: one home for every key's type, default and allowed range.
+
+Hydra composes ``conf/`` on top of :class:`PairtuneConfig` (registered below as ``pairtune_schema``), so an
+unknown key or a wrong type fails at composition. :func:`load_settings` repeats the merge for configs that
+arrive without the schema (DVC's ``params.yaml``) and then checks ranges, naming the key that is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "data/raw/pairs.jsonl"
+    format: str | None = None  # jsonl | csv | parquet; None = from the file suffix
+    anchor_column: str = "sentence_0"
+    positive_column: str = "sentence_1"
+    negative_column: str | None = None  # optional hard negatives
+    csv_delimiter: str = ","
+    train_size: Any = 263  # int = rows, float in (0, 1) = fraction
+    eval_size: Any = 45
+    split_seed: int = 42
+
+    def __post_init__(self) -> None:
+        for key in ("train_size", "eval_size"):
+            value = getattr(self, key)
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
+                isinstance(value, float) and 0.0 < value < 1.0
+            )
+            _require(ok, f"data.{key}", f"must be a positive row count or a fraction in (0, 1), got {value!r}")
+        _require(self.format in (None, "jsonl", "csv", "parquet"), "data.format", "must be jsonl, csv or parquet")
+        _require(self.anchor_column != self.positive_column, "data.positive_column", "must differ from anchor")
+
+
+@dataclass
+class ModelConfig:
+    name: str = BUNDLED_MODEL_ID  # hub id or local folder; the bundled copy serves offline
+    max_seq_length: int = 256
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must not be empty")
+        _require(self.max_seq_length > 0, "model.max_seq_length", "must be > 0")
+
+
+@dataclass
+class LossConfig:
+    name: str = "mnrl"
+    scale: float = 20.0  # seed card: inverse temperature
+    similarity: str = "cosine"  # cosine | dot
+    mini_batch_size: int | None = None  # set = cached MNRL (GradCache) with this mini-batch
+    gather_across_devices: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.name == "mnrl", "loss.name", f"only 'mnrl' is implemented, got {self.name!r}")
+        _require(self.scale > 0, "loss.scale", "must be > 0")
+        _require(self.similarity in ("cosine", "dot"), "loss.similarity", "must be cosine or dot")
+        _require(
+            self.mini_batch_size is None or self.mini_batch_size > 0, "loss.mini_batch_size", "must be > 0 or null"
+        )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # seed card: num_train_epochs
+    batch_size: int = 32  # per device; seed card: per_device_train_batch_size
+    eval_batch_size: int = 32
+    lr: float = 5.0e-5  # seed card: learning_rate
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1.0e-8
+    scheduler: str = "linear"  # linear | constant | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    max_steps: int = -1  # > 0 stops early, as in the seed card's max_steps
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    batch_sampler: str = "random"  # random | no_duplicates
+    drop_last: bool = False
+    eval_on_start: bool = True  # the step-0 row of the card: the base model's scores
+    save_checkpoints: bool = True  # one per epoch end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _require(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.eval_batch_size > 0, "train.eval_batch_size", "must be > 0")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm > 0, "train.max_grad_norm", "must be > 0")
+        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (off) or > 0")
+        _require(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+        _require(self.scheduler in ("linear", "constant", "cosine"), "train.scheduler", "linear|constant|cosine")
+        _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no|fp16|bf16")
+        _require(self.batch_sampler in ("random", "no_duplicates"), "train.batch_sampler", "random|no_duplicates")
+        _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+
+
+@dataclass
+class PathsConfig:
+    prepared: str = "data/prepared"
+    model: str = "models/trained"
+    checkpoints: str = "checkpoints"
+    reports: str = "reports"
+    onnx: str = "models/onnx"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
+    experiment: str | None = None  # None = $MLFLOW_EXPERIMENT_NAME, else "pairtune"
+    run_name: str | None = None
+    log_model: bool = True
+    registered_model: str | None = "pairtune"  # None = do not register
+
+
+@dataclass
+class PairtuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.mini_batch_size is not None:
+            _require(
+                self.loss.mini_batch_size <= self.train.batch_size,
+                "loss.mini_batch_size",
+                f"must be <= train.batch_size ({self.train.batch_size})",
+            )
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
+    ConfigStore.instance().store(name="pairtune_schema", node=PairtuneConfig)
+
+
+register_configs()
+
+
+def load_settings(cfg: DictConfig | dict) -> PairtuneConfig:
+    """Validate a composed config against the schema and return it as typed dataclasses.
+
+    Keys Hydra adds for its own use (``hydra``) and presets' bookkeeping keys are ignored.
+    """
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    container = {k: v for k, v in container.items() if k not in ("hydra", "experiment", "hparams_search")}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PairtuneConfig), container)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {str(err).splitlines()[0]}") from None
+
+
+def to_plain_dict(settings: PairtuneConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(settings), resolve=True)

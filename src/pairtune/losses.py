@@ -1,0 +1,154 @@
+"""MultipleNegativesRankingLoss over plain tensors, its cross-process gather, and GradCache.
+
+The maths lives in :func:`mnrl_loss` (embeddings in, scalar out) so it can be checked by hand; the
+model-facing pieces (:func:`embed`, :func:`cached_mnrl_step`) only decide how embeddings are produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+Features = dict[str, Tensor]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows of different counts; backward hands each rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor) -> Tensor:  # local: (n_r, D)
+        world = dist.get_world_size()
+        count = torch.tensor([local.shape[0]], device=local.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        counts = [int(c.item()) for c in counts]
+        widest = max(counts)
+        padded = local.new_zeros((widest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        slots = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(slots, padded.contiguous())
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
+        return torch.cat([slot[:n] for slot, n in zip(slots, counts, strict=True)])  # (sum n_r, D)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank's loss touches every rank's rows: sum the contributions, keep our slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop]
+
+
+def gather_with_grad(local: Tensor) -> tuple[Tensor, int]:
+    """Return ``(rows of every rank concatenated in rank order, offset of this rank's rows)``."""
+    if not _distributed():
+        return local, 0
+    gathered = _GatherWithGrad.apply(local)
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    offset = int(sum(c.item() for c in counts[: dist.get_rank()]))
+    return gathered, offset
+
+
+def similarity_matrix(anchors: Tensor, candidates: Tensor, kind: str) -> Tensor:
+    if kind == "cosine":
+        anchors, candidates = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+    return anchors @ candidates.T  # (B, C)
+
+
+def mnrl_scores(
+    anchors: Tensor, columns: Sequence[Tensor], *, scale: float, similarity: str, gather: bool
+) -> tuple[Tensor, Tensor]:
+    """Scaled scores of local anchors against every candidate, and the index of each anchor's positive.
+
+    ``columns[0]`` holds the positives, further entries hard negatives; all are ``(B, D)``. With ``gather``,
+    candidates come from every process (in rank order) and labels are offset by the rows of earlier ranks.
+    """
+    offset = 0
+    if gather:
+        gathered = [gather_with_grad(column) for column in columns]
+        columns, offset = [g for g, _ in gathered], gathered[0][1]
+    candidates = torch.cat(list(columns))  # (B_world * (1 + negatives), D)
+    scores = similarity_matrix(anchors, candidates, similarity) * scale  # (B, B_world * (1 + negatives))
+    labels = torch.arange(anchors.shape[0], device=anchors.device) + offset  # (B,)
+    return scores, labels
+
+
+def mnrl_loss(anchors: Tensor, columns: Sequence[Tensor], *, scale: float, similarity: str, gather: bool) -> Tensor:
+    """Cross-entropy of each anchor over all candidates, its own positive being the right answer."""
+    scores, labels = mnrl_scores(anchors, columns, scale=scale, similarity=similarity, gather=gather)
+    return F.cross_entropy(scores, labels)
+
+
+Embedder = Callable[[Features], Tensor]
+
+
+class _RngReplay:
+    """Capture the RNG state before a forward so the same dropout masks can be drawn again."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=range(len(self.cuda)) if self.cuda else [])
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+    def __exit__(self, *exc) -> None:
+        self._fork.__exit__(*exc)
+
+
+def slice_features(features: Features, start: int, stop: int) -> Features:
+    """Rows ``start:stop`` of a padded batch, trimmed to the longest of those rows."""
+    mask = features["attention_mask"][start:stop]
+    width = int(mask.sum(dim=1).max().item())
+    return {key: value[start:stop, :width] for key, value in features.items()}
+
+
+def cached_mnrl_step(
+    embed: Embedder,
+    batches: Sequence[Features],
+    *,
+    mini_batch_size: int,
+    scale: float,
+    similarity: str,
+    gather: bool,
+    backward: Callable[[Tensor, bool], None],
+) -> Tensor:
+    """GradCache: the loss of a big batch with the activation memory of one mini-batch.
+
+    1. embed every column in mini-batches without a graph; 2. take the loss and its gradient with respect
+    to those embeddings; 3. re-embed each mini-batch with a graph (same dropout) and push the cached
+    gradient through it. ``backward(surrogate, is_last)`` lets the caller skip DDP syncs until the last.
+    """
+    plan = []  # (column, start, stop, rng)
+    reps = []
+    with torch.no_grad():
+        for column, features in enumerate(batches):
+            rows = features["input_ids"].shape[0]
+            chunks = []
+            for start in range(0, rows, mini_batch_size):
+                rng = _RngReplay()
+                chunks.append(embed(slice_features(features, start, start + mini_batch_size)))
+                plan.append((column, start, start + mini_batch_size, rng))
+            reps.append(torch.cat(chunks).detach().requires_grad_())
+    loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather)
+    loss.backward()
+    for index, (column, start, stop, rng) in enumerate(plan):
+        with rng:
+            embedded = embed(slice_features(batches[column], start, stop))
+        surrogate = (embedded * reps[column].grad[start:stop]).sum()
+        backward(surrogate, index == len(plan) - 1)
+    return loss.detach()

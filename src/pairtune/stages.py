@@ -1,0 +1,102 @@
+"""The pipeline's stages as plain functions over typed settings; ``pipelines/*.py`` only wrap them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pairtune.config import PairtuneConfig
+from pairtune.data import (
+    Columns,
+    PairDataError,
+    check_disjoint,
+    drop_duplicate_pairs,
+    load_prepared,
+    read_pairs,
+    split_pairs,
+    token_stats,
+    write_prepared,
+)
+from pairtune.evaluation import CARD_METRICS, build_evaluator, metric_key, run_evaluator
+
+log = logging.getLogger(__name__)
+
+
+def columns_of(settings: PairtuneConfig) -> Columns:
+    data = settings.data
+    return Columns(data.anchor_column, data.positive_column, data.negative_column)
+
+
+def load_tokenizer(settings: PairtuneConfig):
+    from transformers import AutoTokenizer
+
+    from pairtune.modeling import resolve_model_source
+
+    source, _ = resolve_model_source(settings.model.name)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=settings.model.trust_remote_code)
+
+
+def run_prepare(settings: PairtuneConfig) -> dict:
+    """Read, validate, de-duplicate and split the pairs file; write parquet splits and stats.json."""
+    data, columns = settings.data, columns_of(settings)
+    frame = read_pairs(data.source, columns, fmt=data.format, delimiter=data.csv_delimiter)
+    frame, dropped = drop_duplicate_pairs(frame)
+    log.info("read %d pairs from %s, dropped %d exact duplicate pairs", len(frame) + dropped, data.source, dropped)
+    splits = split_pairs(
+        frame, columns, train_size=data.train_size, eval_size=data.eval_size, seed=data.split_seed, source=data.source
+    )
+    check_disjoint(splits, columns)
+    if len(splits["train"]) < settings.train.batch_size:
+        raise PairDataError(
+            f"{data.source}: {len(splits['train'])} training pairs, fewer than one batch (train.batch_size="
+            f"{settings.train.batch_size})"
+        )
+    tokenizer = load_tokenizer(settings)
+
+    def count(texts):
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+    limit = settings.model.max_seq_length
+    too_long = sum(sum(n > limit for n in count(frame[c].tolist())) for c in columns.names)
+    if too_long:
+        log.warning("%d texts are longer than model.max_seq_length=%d tokens and will be truncated", too_long, limit)
+    stats = {
+        "source": data.source,
+        "rows": {name: len(split) for name, split in splits.items()},
+        "dropped_duplicates": dropped,
+        "texts_over_max_seq_length": too_long,
+        "tokens": {name: token_stats(split, columns, count) for name, split in splits.items()},
+    }
+    write_prepared(settings.paths.prepared, splits, stats)
+    log.info("wrote %s: %s", settings.paths.prepared, stats["rows"])
+    return stats
+
+
+def evaluate_split(model, frame, columns: Columns, *, batch_size: int) -> dict[str, float]:
+    evaluator = build_evaluator(frame, columns, name="test", batch_size=batch_size)
+    metrics = run_evaluator(evaluator, model)
+    return {metric_key(m): round(metrics[m], 6) for m in CARD_METRICS}
+
+
+def run_evaluate(settings: PairtuneConfig) -> dict:
+    """Test-split metrics of the base model and the trained model, side by side, to reports/metrics.json."""
+    from pairtune.modeling import load_model
+
+    columns = columns_of(settings)
+    test = load_prepared(settings.paths.prepared)["test"]
+    report = {}
+    for label, name in (("base", settings.model.name), ("trained", settings.paths.model)):
+        model = load_model(name, max_seq_length=settings.model.max_seq_length,
+                           trust_remote_code=settings.model.trust_remote_code)
+        report[label] = evaluate_split(model, test, columns, batch_size=settings.train.eval_batch_size)
+    report["test_rows"] = len(test)
+    write_json_atomic(Path(settings.paths.reports) / "metrics.json", report)
+    return report
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    staging.replace(path)

@@ -1,0 +1,375 @@
+"""The Accelerate training loop for MNRL, split into small named steps.
+
+Works unchanged on one CPU, one GPU, several GPUs (``accelerate launch``) and several CPU processes
+(``torchrun`` with gloo). Only the main process evaluates, reports, writes the card and saves the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from transformers import get_scheduler
+
+from pairtune.batching import TokenizedColumns, tokenize_columns
+from pairtune.config import LossConfig, PairtuneConfig, TrainConfig
+from pairtune.data import Columns, load_prepared, write_atomic_dir
+from pairtune.evaluation import PRIMARY_METRIC, build_evaluator, run_evaluator
+from pairtune.losses import cached_mnrl_step, mnrl_loss
+from pairtune.modeling import load_model
+from pairtune.sampling import GlobalBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops rather than corrupt the model."""
+
+
+class Observer:
+    """Hooks the loop calls on the main process only; the tracker implements them. All default to no-ops."""
+
+    def on_train_start(self, context: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class EpochRow:
+    """One row of the card's Training Logs table."""
+
+    epoch: float
+    step: int
+    training_loss: float | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    global_step: int
+    steps_per_epoch: int
+    total_steps: int
+    world_size: int
+    global_batch_size: int
+    step_losses: list[float]
+    rows: list[EpochRow]
+    train_seconds: float
+    pairs_per_second: float
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return self.rows[-1].metrics if self.rows else {}
+
+    @property
+    def objective(self) -> float:
+        return self.final_metrics.get(PRIMARY_METRIC, float("nan"))
+
+
+@dataclass
+class Schedule:
+    batches_per_epoch: int
+    accumulation: int
+    epochs: int
+    max_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.accumulation)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.epochs
+        return min(full, self.max_steps) if self.max_steps > 0 else full
+
+
+def build_accelerator(train: TrainConfig) -> Accelerator:
+    """CPU when no GPU is present (gloo under torchrun), else the launcher's devices."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+    )
+
+
+def build_sampler(n_rows: int, train: TrainConfig, accelerator: Accelerator, texts=None) -> GlobalBatchSampler:
+    return GlobalBatchSampler(
+        n_rows,
+        train.batch_size,
+        seed=train.seed,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        drop_last=train.drop_last,
+        texts=texts if train.batch_sampler == "no_duplicates" else None,
+    )
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW as the seed card's trainer builds it: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon, foreach=True
+    )
+
+
+def embed_fn(model: torch.nn.Module, accelerator: Accelerator):
+    def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = {key: value.to(accelerator.device, non_blocking=True) for key, value in features.items()}
+        with accelerator.autocast():
+            return model(features)["sentence_embedding"]  # (B, D)
+
+    return embed
+
+
+def compute_loss_and_backward(
+    model, accelerator: Accelerator, batches, loss: LossConfig, *, scale_by: float, sync: bool
+) -> torch.Tensor:
+    """Forward and backward for one micro-batch; DDP gradient sync only when ``sync``."""
+    embed = embed_fn(model, accelerator)
+    gather = loss.gather_across_devices and accelerator.num_processes > 1
+    if loss.mini_batch_size is None:
+        with nullcontext() if sync else accelerator.no_sync(model):
+            embeddings = [embed(features) for features in batches]
+            value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity, gather=gather)
+            accelerator.backward(value * scale_by)
+        return value.detach()
+
+    def backward(surrogate: torch.Tensor, is_last: bool) -> None:
+        with nullcontext() if (sync and is_last) else accelerator.no_sync(model):
+            accelerator.backward(surrogate * scale_by)
+
+    return cached_mnrl_step(
+        embed,
+        batches,
+        mini_batch_size=loss.mini_batch_size,
+        scale=loss.scale,
+        similarity=loss.similarity,
+        gather=gather,
+        backward=backward,
+    )
+
+
+def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float) -> float:
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def evaluate_on_main(accelerator: Accelerator, model, evaluator) -> dict[str, float]:
+    """The main process scores the eval split; the others wait and receive the same numbers."""
+    payload = [None]
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        payload = [run_evaluator(evaluator, unwrapped)]
+        unwrapped.train(was_training)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    return payload[0]
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    step_losses: list[float] = field(default_factory=list)
+    rows: list[EpochRow] = field(default_factory=list)
+    pairs_seen: int = 0
+    seconds: float = 0.0
+
+
+def run_epoch(
+    epoch: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    accelerator: Accelerator,
+    sampler: GlobalBatchSampler,
+    tokens: TokenizedColumns,
+    settings: PairtuneConfig,
+    schedule: Schedule,
+    state: LoopState,
+    observer: Observer,
+) -> list[float]:
+    """Train one epoch (or up to ``max_steps``); return the losses of its optimizer steps."""
+    train = settings.train
+    sampler.set_epoch(epoch)
+    local_batches = list(sampler)
+    epoch_losses: list[float] = []
+    window: list[torch.Tensor] = []
+    started = time.perf_counter()
+    for index, rows in enumerate(local_batches):
+        is_update = (index + 1) % train.gradient_accumulation_steps == 0 or index + 1 == len(local_batches)
+        window.append(
+            compute_loss_and_backward(
+                model, accelerator, tokens.batch(rows), settings.loss, scale_by=1.0, sync=is_update
+            )
+        )
+        if not is_update:
+            continue
+        group = len(window)
+        if group > 1:  # average the accumulated gradients, not sum them
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.div_(group)
+        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, train.max_grad_norm)
+        step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(f"non-finite loss {step_loss} at step {state.step + 1}")
+        window.clear()
+        state.step += 1
+        epoch_losses.append(step_loss)
+        state.step_losses.append(step_loss)
+        pairs = len(rows) * accelerator.num_processes * group
+        state.pairs_seen += pairs
+        elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        state.seconds += elapsed
+        if accelerator.is_main_process:
+            observer.on_step(
+                state.step,
+                {
+                    "train_loss": step_loss,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "pairs_per_second": pairs / elapsed if elapsed > 0 else 0.0,
+                    "epoch": epoch + (index + 1) / len(local_batches),
+                },
+            )
+        if state.step >= schedule.total_steps:
+            break
+    return epoch_losses
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, state: LoopState, epoch: int, keep: int) -> None:
+    """``accelerator.save_state`` plus the loop's own counters; only the newest ``keep`` survive."""
+    target = folder / f"step-{state.step:06d}"
+    accelerator.save_state(str(target), safe_serialization=True)
+    if accelerator.is_main_process:
+        meta = {"step": state.step, "epoch": epoch + 1, "step_losses": state.step_losses}
+        (target / "pairtune_state.json").write_text(json.dumps(meta) + "\n")
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> TrainResult:
+    """Train on the prepared splits, evaluate each epoch, save the model and its card (main process)."""
+    observer = observer or Observer()
+    train_cfg = settings.train
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    accelerator = build_accelerator(train_cfg)
+    set_seed(train_cfg.seed)
+    columns = Columns(settings.data.anchor_column, settings.data.positive_column, settings.data.negative_column)
+    splits = load_prepared(settings.paths.prepared)
+    model = load_model(
+        settings.model.name,
+        max_seq_length=settings.model.max_seq_length,
+        trust_remote_code=settings.model.trust_remote_code,
+        device=str(accelerator.device),
+    )
+    train_frame = splits["train"]
+    with accelerator.main_process_first():
+        tokens = tokenize_columns(
+            model.tokenizer, [train_frame[c].tolist() for c in columns.names], max_length=settings.model.max_seq_length
+        )
+    texts = list(zip(*(train_frame[c].tolist() for c in columns.names), strict=True))
+    sampler = build_sampler(len(train_frame), train_cfg, accelerator, texts=texts)
+    schedule = Schedule(len(sampler), train_cfg.gradient_accumulation_steps, train_cfg.epochs, train_cfg.max_steps)
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = get_scheduler(
+        train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=schedule.total_steps
+    )
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    evaluator = build_evaluator(splits["eval"], columns, name="eval", batch_size=train_cfg.eval_batch_size)
+    context = {
+        "world_size": accelerator.num_processes,
+        "global_batch_size": sampler.global_batch_size,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "total_steps": schedule.total_steps,
+        "device": str(accelerator.device),
+        "train_rows": len(train_frame),
+        "eval_rows": len(splits["eval"]),
+    }
+    if accelerator.is_main_process:
+        observer.on_train_start(context)
+        log.info("training %s steps (%s per epoch), global batch %s", schedule.total_steps, schedule.steps_per_epoch,
+                 sampler.global_batch_size)
+    state = LoopState()
+    if train_cfg.eval_on_start:
+        record_evaluation(accelerator, model, evaluator, state, observer, epoch=0.0, loss=None)
+    checkpoints = Path(settings.paths.checkpoints)
+    for epoch in range(train_cfg.epochs):
+        losses = run_epoch(
+            epoch, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, sampler=sampler,
+            tokens=tokens, settings=settings, schedule=schedule, state=state, observer=observer,
+        )
+        finished_epoch = state.step % schedule.steps_per_epoch == 0
+        epoch_mark = float(epoch + 1) if finished_epoch else round(state.step / schedule.steps_per_epoch, 4)
+        mean_loss = sum(losses) / len(losses) if losses else None
+        record_evaluation(accelerator, model, evaluator, state, observer, epoch=epoch_mark, loss=mean_loss)
+        if train_cfg.save_checkpoints:
+            save_checkpoint(accelerator, checkpoints, state, epoch, train_cfg.keep_checkpoints)
+        if state.step >= schedule.total_steps:
+            break
+    result = TrainResult(
+        model_dir=Path(settings.paths.model),
+        global_step=state.step,
+        steps_per_epoch=schedule.steps_per_epoch,
+        total_steps=schedule.total_steps,
+        world_size=accelerator.num_processes,
+        global_batch_size=sampler.global_batch_size,
+        step_losses=state.step_losses,
+        rows=state.rows,
+        train_seconds=state.seconds,
+        pairs_per_second=state.pairs_seen / state.seconds if state.seconds else 0.0,
+        context=context,
+    )
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        write_atomic_dir(
+            result.model_dir,
+            lambda folder: save_with_card(unwrapped, folder, settings, result, splits["train"], columns),
+        )
+        observer.on_train_end(result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def record_evaluation(accelerator, model, evaluator, state: LoopState, observer: Observer, *, epoch, loss) -> None:
+    metrics = evaluate_on_main(accelerator, model, evaluator)
+    state.rows.append(EpochRow(epoch=epoch, step=state.step, training_loss=loss, metrics=metrics))
+    if accelerator.is_main_process:
+        log.info("epoch %s step %s: %s %.4f", epoch, state.step, PRIMARY_METRIC, metrics[PRIMARY_METRIC])
+        observer.on_evaluate(state.step, epoch, metrics)
+
+
+def save_with_card(model, folder: Path, settings: PairtuneConfig, result: TrainResult, train_frame, columns) -> None:
+    from pairtune.card import write_model_card
+
+    model.save(str(folder), create_model_card=False, safe_serialization=True)
+    write_model_card(folder / "README.md", model=model, settings=settings, result=result, train_frame=train_frame,
+                     columns=columns)

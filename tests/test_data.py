@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pairtune.data import (
+    Columns,
+    PairDataError,
+    check_disjoint,
+    drop_duplicate_pairs,
+    read_pairs,
+    split_pairs,
+    write_prepared,
+)
+
+from .conftest import BUNDLED
+
+COLUMNS = Columns()
+OPERATORS = [":", "|", "@", "*", "→", "^", "\\", "?", "!", "~", "¬"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"sentence_0": f"note {i}", "sentence_1": f"sentence {i}"} for i in range(n)]
+
+
+def test_reads_and_strips_jsonl_csv_and_parquet(tmp_path):
+    rows = [{"sentence_0": "  Ada see sh ", "sentence_1": "Ada saw the ship.\t"}]
+    frames = [read_pairs(write_jsonl(tmp_path / "p.jsonl", rows), COLUMNS)]
+    pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
+    frames += [read_pairs(tmp_path / "p.csv", COLUMNS), read_pairs(tmp_path / "p.parquet", COLUMNS)]
+    for frame in frames:
+        assert frame.to_dict("records") == [{"sentence_0": "Ada see sh", "sentence_1": "Ada saw the ship."}]
+
+
+def test_configurable_column_names(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"q": "a b c", "d": "x", "n": "y"}])
+    frame = read_pairs(path, Columns("q", "d", "n"))
+    assert list(frame.columns) == ["q", "d", "n"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"sentence_0": "a", "sentence_1": "b"}\n{"sentence_0": "a"', r"row 2: malformed JSON"),
+        (b'{"sentence_0": "a", "sentence_1": "b"}\n{"sentence_0": "\xff", "sentence_1": "b"}\n', r"row 2: invalid UTF-8"),
+        (b'{"sentence_0": "a", "sentence_1": "  "}\n', r"row 1: column 'sentence_1' is empty"),
+        (b'{"sentence_0": null, "sentence_1": "b"}\n', r"row 1: column 'sentence_0' is null"),
+        (b'{"sentence_0": "a", "other": "b"}\n', r"missing column 'sentence_1'"),
+    ],
+)
+def test_bad_jsonl_names_file_row_and_problem(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PairDataError, match=rf"^{re.escape(str(path))}: {message}"):
+        read_pairs(path, COLUMNS)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(PairDataError, match="file not found"):
+        read_pairs(tmp_path / "nope.jsonl", COLUMNS)
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(PairDataError, match="unknown format '.txt'"):
+        read_pairs(tmp_path / "p.txt", COLUMNS)
+
+
+def test_csv_with_the_wrong_delimiter_is_named(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("sentence_0;sentence_1\na b;c d\n")
+    with pytest.raises(PairDataError, match="missing column 'sentence_0'.*wrong CSV delimiter"):
+        read_pairs(path, COLUMNS)
+
+
+def test_exact_duplicates_are_dropped_and_counted():
+    frame = pd.DataFrame(pairs(3) + pairs(2))
+    deduped, dropped = drop_duplicate_pairs(frame)
+    assert (len(deduped), dropped) == (3, 2)
+
+
+def test_split_sizes_are_exact_and_deterministic():
+    frame = pd.DataFrame(pairs(370))
+    first = split_pairs(frame, COLUMNS, train_size=263, eval_size=45, seed=42, source="x")
+    again = split_pairs(frame, COLUMNS, train_size=263, eval_size=45, seed=42, source="x")
+    other = split_pairs(frame, COLUMNS, train_size=263, eval_size=45, seed=1, source="x")
+    assert {k: len(v) for k, v in first.items()} == {"train": 263, "eval": 45, "test": 62}
+    assert all(first[k].equals(again[k]) for k in first)
+    assert not first["train"].equals(other["train"])
+
+
+def test_fractions_are_accepted():
+    split = split_pairs(pd.DataFrame(pairs(100)), COLUMNS, train_size=0.8, eval_size=0.1, seed=0, source="x")
+    assert {k: len(v) for k, v in split.items()} == {"train": 80, "eval": 10, "test": 10}
+
+
+def test_a_shared_note_never_straddles_two_splits():
+    rows = pairs(60) + [{"sentence_0": "note 1", "sentence_1": f"other {i}"} for i in range(5)]
+    split = split_pairs(pd.DataFrame(rows), COLUMNS, train_size=40, eval_size=10, seed=0, source="x")
+    check_disjoint(split, COLUMNS)
+    homes = [name for name, frame in split.items() if (frame["sentence_0"] == "note 1").any()]
+    assert len(homes) == 1
+
+
+def test_an_empty_split_is_refused():
+    with pytest.raises(PairDataError, match="split 'test' would be empty"):
+        split_pairs(pd.DataFrame(pairs(50)), COLUMNS, train_size=40, eval_size=10, seed=0, source="p.jsonl")
+
+
+def test_check_disjoint_catches_a_leak():
+    leak = {"train": pd.DataFrame(pairs(2)), "eval": pd.DataFrame(pairs(1)), "test": pd.DataFrame(pairs(0))}
+    with pytest.raises(PairDataError, match="in both 'train' and 'eval'"):
+        check_disjoint(leak, COLUMNS)
+
+
+def test_a_failed_write_keeps_the_old_folder(tmp_path, monkeypatch):
+    target = tmp_path / "prepared"
+    good = {name: pd.DataFrame(pairs(2)) for name in ("train", "eval", "test")}
+    write_prepared(target, good, {"rows": 2})
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_prepared(target, good, {"rows": 3})
+    assert json.loads((target / "stats.json").read_text()) == {"rows": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_bundled_data_speaks_the_notation():
+    frame = read_pairs(BUNDLED, COLUMNS)
+    assert len(frame) >= 353
+    assert frame["sentence_0"].is_unique and frame["sentence_1"].is_unique
+    lengths = frame["sentence_0"].str.split(" ").map(len)
+    assert lengths.min() >= 3 and lengths.max() <= 14
+    text = " ".join(frame["sentence_0"])
+    assert all(op in text for op in OPERATORS)
