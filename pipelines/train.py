@@ -1,4 +1,4 @@
-"""DVC stage `train`: MNRL fine-tuning; returns the eval MRR@10 for Hydra sweepers."""
+"""DVC stage `train`: MNRL fine-tuning, tracked in MLflow; returns the eval MRR@10 for Hydra sweepers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.app import exit_on_user_error, quiet_third_party
-from pairtune.config import load_settings
+from pairtune.config import load_settings, to_plain_dict
+from pairtune.signals import graceful_stop
+from pairtune.tracking import hydra_overrides, sweep_parent_run_id, tracked_run
 from pairtune.training import train
 
 
@@ -14,7 +16,11 @@ from pairtune.training import train
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
-    result = train(load_settings(cfg))
+    settings = load_settings(cfg)
+    with graceful_stop(), tracked_run(
+        settings, config=to_plain_dict(settings), overrides=hydra_overrides(), parent_run_id=sweep_parent_run_id()
+    ) as observer:
+        result = train(settings, observer=observer)
     return result.objective
 
 

@@ -16,7 +16,7 @@ def test_default_schedule_is_9_steps_per_epoch_and_90_in_all(make_settings, prep
     settings = make_settings()
     rows = len(pd.read_parquet(prepared_bundled / "train.parquet"))
     sampler = GlobalBatchSampler(rows, settings.train.batch_size, seed=settings.train.seed)
-    schedule = Schedule(len(sampler), 1, settings.train.epochs, settings.train.max_steps)
+    schedule = Schedule.for_sampler(sampler, settings.train)
     assert rows == 263
     assert (schedule.steps_per_epoch, schedule.total_steps) == (9, 90)
 
@@ -25,7 +25,7 @@ def test_default_schedule_is_9_steps_per_epoch_and_90_in_all(make_settings, prep
     ("accumulation", "max_steps", "per_epoch", "total"), [(2, -1, 5, 50), (1, 20, 9, 20), (3, -1, 3, 30)]
 )
 def test_schedule_follows_accumulation_and_max_steps(accumulation, max_steps, per_epoch, total):
-    schedule = Schedule(9, accumulation, TrainConfig().epochs, max_steps)
+    schedule = Schedule([9] * TrainConfig().epochs, accumulation, max_steps)
     assert (schedule.steps_per_epoch, schedule.total_steps) == (per_epoch, total)
 
 

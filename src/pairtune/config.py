@@ -168,8 +168,15 @@ def load_settings(cfg: DictConfig | dict) -> PairtuneConfig:
 
     Keys Hydra adds for its own use (``hydra``) and presets' bookkeeping keys are ignored.
     """
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    container = {k: v for k, v in container.items() if k not in ("hydra", "experiment", "hparams_search")}
+    skip = ("hydra", "experiment", "hparams_search")
+    if isinstance(cfg, dict):
+        container = {k: v for k, v in cfg.items() if k not in skip}
+    else:  # resolve key by key: Hydra's own node holds interpolations only a running job can resolve
+        container = {
+            k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg
+            if k not in skip
+        }
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PairtuneConfig), container)
         return OmegaConf.to_object(merged)

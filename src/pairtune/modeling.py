@@ -52,7 +52,7 @@ def load_model(
     name: str, *, max_seq_length: int, trust_remote_code: bool = False, device: str | None = "cpu"
 ) -> SentenceTransformer:
     source, origin = resolve_model_source(name)
-    log.info("base model %s from the %s", name, origin)
+    log.info("model %s from the %s", name, origin)
     model = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
     model.max_seq_length = max_seq_length
     return model

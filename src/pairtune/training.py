@@ -11,7 +11,8 @@ import logging
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pairtune.evaluation import PRIMARY_METRIC, build_evaluator, run_evaluator
 from pairtune.losses import cached_mnrl_step, mnrl_loss
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler
+from pairtune.signals import STOP, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +82,40 @@ class TrainResult:
 
 @dataclass
 class Schedule:
-    batches_per_epoch: int
+    """Optimizer steps per epoch and in all; epochs may differ in batches under no-duplicates sampling."""
+
+    epoch_batches: list[int]
     accumulation: int
-    epochs: int
     max_steps: int
+
+    @classmethod
+    def for_sampler(cls, sampler: GlobalBatchSampler, train: TrainConfig) -> Schedule:
+        counts = []
+        for epoch in range(train.epochs):
+            sampler.set_epoch(epoch)
+            counts.append(len(sampler))
+        sampler.set_epoch(0)
+        return cls(counts, train.gradient_accumulation_steps, train.max_steps)
+
+    @property
+    def epoch_steps(self) -> list[int]:
+        return [math.ceil(batches / self.accumulation) for batches in self.epoch_batches]
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.accumulation)
+        return self.epoch_steps[0]
 
     @property
     def total_steps(self) -> int:
-        full = self.steps_per_epoch * self.epochs
+        full = sum(self.epoch_steps)
         return min(full, self.max_steps) if self.max_steps > 0 else full
 
 
 def build_accelerator(train: TrainConfig) -> Accelerator:
     """CPU when no GPU is present (gloo under torchrun), else the launcher's devices."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-    )
+    # Accumulation is done by the loop itself (it averages the window's gradients), so Accelerate must not
+    # also divide the loss by the accumulation steps.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=train.mixed_precision)
 
 
 def build_sampler(n_rows: int, train: TrainConfig, accelerator: Accelerator, texts=None) -> GlobalBatchSampler:
@@ -216,9 +230,11 @@ def run_epoch(
     local_batches = list(sampler)
     epoch_losses: list[float] = []
     window: list[torch.Tensor] = []
+    window_pairs = 0
     started = time.perf_counter()
     for index, rows in enumerate(local_batches):
         is_update = (index + 1) % train.gradient_accumulation_steps == 0 or index + 1 == len(local_batches)
+        window_pairs += len(rows)
         window.append(
             compute_loss_and_backward(
                 model, accelerator, tokens.batch(rows), settings.loss, scale_by=1.0, sync=is_update
@@ -239,10 +255,10 @@ def run_epoch(
         state.step += 1
         epoch_losses.append(step_loss)
         state.step_losses.append(step_loss)
-        pairs = len(rows) * accelerator.num_processes * group
+        pairs = int(accelerator.reduce(torch.tensor(window_pairs, device=accelerator.device), reduction="sum"))
+        window_pairs = 0
         state.pairs_seen += pairs
         elapsed = time.perf_counter() - started
-        started = time.perf_counter()
         state.seconds += elapsed
         if accelerator.is_main_process:
             observer.on_step(
@@ -255,6 +271,11 @@ def run_epoch(
                     "epoch": epoch + (index + 1) / len(local_batches),
                 },
             )
+        started = time.perf_counter()  # reporting is not step time
+        if STOP.requested:
+            if train.save_checkpoints:
+                save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, epoch, train.keep_checkpoints)
+            raise TrainingInterrupted(STOP.signum, state.step)
         if state.step >= schedule.total_steps:
             break
     return epoch_losses
@@ -272,13 +293,37 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, state: LoopState, ep
     accelerator.wait_for_everyone()
 
 
-def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> TrainResult:
-    """Train on the prepared splits, evaluate each epoch, save the model and its card (main process)."""
-    observer = observer or Observer()
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for one run and restore the process-wide value afterwards."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`setup_run`."""
+
+    accelerator: Accelerator
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: GlobalBatchSampler
+    schedule: Schedule
+    tokens: TokenizedColumns
+    evaluator: Any
+    splits: dict[str, Any]
+    columns: Columns
+    context: dict[str, Any]
+
+
+def setup_run(settings: PairtuneConfig, accelerator: Accelerator) -> Run:
     train_cfg = settings.train
-    if train_cfg.num_threads:
-        torch.set_num_threads(train_cfg.num_threads)
-    accelerator = build_accelerator(train_cfg)
     set_seed(train_cfg.seed)
     columns = Columns(settings.data.anchor_column, settings.data.positive_column, settings.data.negative_column)
     splits = load_prepared(settings.paths.prepared)
@@ -288,14 +333,14 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
         trust_remote_code=settings.model.trust_remote_code,
         device=str(accelerator.device),
     )
-    train_frame = splits["train"]
+    frame = splits["train"]
     with accelerator.main_process_first():
         tokens = tokenize_columns(
-            model.tokenizer, [train_frame[c].tolist() for c in columns.names], max_length=settings.model.max_seq_length
+            model.tokenizer, [frame[c].tolist() for c in columns.names], max_length=settings.model.max_seq_length
         )
-    texts = list(zip(*(train_frame[c].tolist() for c in columns.names), strict=True))
-    sampler = build_sampler(len(train_frame), train_cfg, accelerator, texts=texts)
-    schedule = Schedule(len(sampler), train_cfg.gradient_accumulation_steps, train_cfg.epochs, train_cfg.max_steps)
+    texts = list(zip(*(frame[c].tolist() for c in columns.names), strict=True))
+    sampler = build_sampler(len(frame), train_cfg, accelerator, texts=texts)
+    schedule = Schedule.for_sampler(sampler, train_cfg)
     optimizer = build_optimizer(model, train_cfg)
     scheduler = get_scheduler(
         train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=schedule.total_steps
@@ -310,53 +355,70 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
         "steps_per_epoch": schedule.steps_per_epoch,
         "total_steps": schedule.total_steps,
         "device": str(accelerator.device),
-        "train_rows": len(train_frame),
+        "train_rows": len(frame),
         "eval_rows": len(splits["eval"]),
     }
+    return Run(accelerator, model, optimizer, scheduler, sampler, schedule, tokens, evaluator, splits, columns, context)
+
+
+def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> TrainResult:
+    """Train on the prepared splits, evaluate each epoch, save the model and its card (main process)."""
+    observer = observer or Observer()
+    with torch_threads(settings.train.num_threads):
+        accelerator = build_accelerator(settings.train)
+        try:
+            run = setup_run(settings, accelerator)
+            result = run_training(settings, run, observer)
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(run.model)
+                write_atomic_dir(
+                    result.model_dir,
+                    lambda folder: save_with_card(unwrapped, folder, settings, result, run.splits["train"], run.columns),
+                )
+                observer.on_train_end(result)
+            accelerator.wait_for_everyone()
+        finally:
+            accelerator.end_training()
+    return result
+
+
+def run_training(settings: PairtuneConfig, run: Run, observer: Observer) -> TrainResult:
+    """The epoch loop: step-0 evaluation, then per epoch train, evaluate and checkpoint."""
+    train_cfg, accelerator, schedule = settings.train, run.accelerator, run.schedule
     if accelerator.is_main_process:
-        observer.on_train_start(context)
-        log.info("training %s steps (%s per epoch), global batch %s", schedule.total_steps, schedule.steps_per_epoch,
-                 sampler.global_batch_size)
+        observer.on_train_start(run.context)
+        log.info("training %s steps (%s per epoch), global batch %s", schedule.total_steps,
+                 schedule.steps_per_epoch, run.sampler.global_batch_size)
     state = LoopState()
     if train_cfg.eval_on_start:
-        record_evaluation(accelerator, model, evaluator, state, observer, epoch=0.0, loss=None)
-    checkpoints = Path(settings.paths.checkpoints)
+        record_evaluation(accelerator, run.model, run.evaluator, state, observer, epoch=0.0, loss=None)
     for epoch in range(train_cfg.epochs):
         losses = run_epoch(
-            epoch, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, sampler=sampler,
-            tokens=tokens, settings=settings, schedule=schedule, state=state, observer=observer,
+            epoch, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=accelerator,
+            sampler=run.sampler, tokens=run.tokens, settings=settings, schedule=schedule, state=state,
+            observer=observer,
         )
-        finished_epoch = state.step % schedule.steps_per_epoch == 0
-        epoch_mark = float(epoch + 1) if finished_epoch else round(state.step / schedule.steps_per_epoch, 4)
+        finished_epoch = len(losses) == schedule.epoch_steps[epoch]
+        epoch_mark = float(epoch + 1) if finished_epoch else round(epoch + len(losses) / schedule.epoch_steps[epoch], 4)
         mean_loss = sum(losses) / len(losses) if losses else None
-        record_evaluation(accelerator, model, evaluator, state, observer, epoch=epoch_mark, loss=mean_loss)
+        record_evaluation(accelerator, run.model, run.evaluator, state, observer, epoch=epoch_mark, loss=mean_loss)
         if train_cfg.save_checkpoints:
-            save_checkpoint(accelerator, checkpoints, state, epoch, train_cfg.keep_checkpoints)
+            save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, epoch, train_cfg.keep_checkpoints)
         if state.step >= schedule.total_steps:
             break
-    result = TrainResult(
+    return TrainResult(
         model_dir=Path(settings.paths.model),
         global_step=state.step,
         steps_per_epoch=schedule.steps_per_epoch,
         total_steps=schedule.total_steps,
         world_size=accelerator.num_processes,
-        global_batch_size=sampler.global_batch_size,
+        global_batch_size=run.sampler.global_batch_size,
         step_losses=state.step_losses,
         rows=state.rows,
         train_seconds=state.seconds,
         pairs_per_second=state.pairs_seen / state.seconds if state.seconds else 0.0,
-        context=context,
+        context=run.context,
     )
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        write_atomic_dir(
-            result.model_dir,
-            lambda folder: save_with_card(unwrapped, folder, settings, result, splits["train"], columns),
-        )
-        observer.on_train_end(result)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
 
 
 def record_evaluation(accelerator, model, evaluator, state: LoopState, observer: Observer, *, epoch, loss) -> None:

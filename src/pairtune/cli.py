@@ -1,0 +1,46 @@
+"""``pairtune`` console script: ``pairtune runs`` compares an experiment's runs in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+from pairtune.runs import RunRow, collect_runs, format_table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairtune", description="pairtune's command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    runs = commands.add_parser("runs", help="a table of an experiment's runs: differing params and final metrics")
+    runs.add_argument("--experiment", default=None, help="experiment name (default: $MLFLOW_EXPERIMENT_NAME or pairtune)")
+    runs.add_argument("--tracking-uri", default=None, help="store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    runs.add_argument("--parent", metavar="RUN_ID", default=None, help="list the children of this sweep run")
+    runs.add_argument("--sort", default="eval_cosine_mrr_at_10", help="metric to sort by, best first")
+    runs.add_argument("--ascending", action="store_true", help="sort the smallest value first (for losses)")
+    runs.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rows: list[RunRow] = collect_runs(
+        experiment=args.experiment, tracking_uri=args.tracking_uri, parent_run_id=args.parent, limit=args.limit
+    )
+    if not rows:
+        print("no runs found", file=sys.stderr)
+        return 1
+
+    def key(row: RunRow) -> float:
+        value = row.metrics.get(args.sort)
+        if value is None or math.isnan(value):
+            return math.inf
+        return value if args.ascending else -value
+
+    print(format_table(sorted(rows, key=key), sort_metric=args.sort))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

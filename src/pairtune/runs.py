@@ -1,0 +1,67 @@
+"""Reading runs back from the store for comparison (the ``pairtune runs`` table and the notebook)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pairtune import tracking
+
+#: Final metrics shown in the table, in this order, when a run has them.
+TABLE_METRICS = ("eval_cosine_mrr_at_10", "eval_cosine_ndcg_at_10", "eval_cosine_accuracy_at_1", "train_loss")
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def collect_runs(
+    *, experiment: str | None = None, tracking_uri: str | None = None, parent_run_id: str | None = None, limit: int = 50
+) -> list[RunRow]:
+    """Training runs of an experiment (sweep parents left out), or the children of one sweep."""
+    mlflow = tracking._mlflow()
+    mlflow.set_tracking_uri(tracking.tracking_uri(tracking_uri))
+    if parent_run_id:
+        runs = tracking.child_runs(parent_run_id)
+    else:
+        found = mlflow.get_experiment_by_name(tracking.experiment_name(experiment))
+        if found is None:
+            return []
+        runs = mlflow.search_runs(
+            experiment_ids=[found.experiment_id],
+            filter_string="tags.`pairtune.stage` != 'sweep'",
+            max_results=limit,
+            output_format="list",
+        )
+    return [
+        RunRow(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.metrics))
+        for run in runs[:limit]
+    ]
+
+
+def differing_params(rows: list[RunRow]) -> list[str]:
+    """Param keys whose values are not the same in every run (bookkeeping ``run.*`` keys excluded)."""
+    keys = sorted({key for row in rows for key in row.params if not key.startswith("run.")})
+    return [key for key in keys if len({row.params.get(key) for row in rows}) > 1]
+
+
+def format_table(rows: list[RunRow], *, sort_metric: str) -> str:
+    params = differing_params(rows)
+    metrics = [sort_metric, *(m for m in TABLE_METRICS if m != sort_metric)]
+    metrics = [m for m in metrics if any(m in row.metrics for row in rows)]
+    header = ["run", "status", *params, *metrics]
+    body = [
+        [row.name, row.status, *(row.params.get(p, "-") for p in params),
+         *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in metrics)]
+        for row in rows
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])

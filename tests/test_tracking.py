@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from pairtune.config import to_plain_dict
+from pairtune.tracking import PARAM_VALUE_LIMIT, flatten, redact, split_params, tracked_run
+from pairtune.training import train
+
+from .conftest import ROOT
+
+
+def test_flatten_makes_dotted_keys_and_hides_secrets():
+    tree = {"train": {"lr": 5e-5, "nested": {"x": 1}}, "api_token": "abc", "uri": "postgresql://u:hunter2@db/x"}
+    assert flatten(tree) == {
+        "train.lr": 5e-5, "train.nested.x": 1, "api_token": "***", "uri": "postgresql://u:***@db/x",
+    }
+    assert redact("http://alice:s3cret@host:5000") == "http://alice:***@host:5000"
+
+
+def test_values_over_the_limit_go_to_the_overflow_artifact():
+    fits, overflow = split_params({"short": 1, "long": "x" * (PARAM_VALUE_LIMIT + 1), "none": None})
+    assert fits["short"] == "1" and fits["none"] == "None"
+    assert fits["long"].startswith("<too long") and overflow == {"long": "x" * (PARAM_VALUE_LIMIT + 1)}
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, prepared_bundled):
+    """One real 2-step tracked training run in a fresh SQLite store."""
+    from pairtune.config import load_settings
+
+    from .conftest import BUNDLED, compose_config
+
+    folder = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    settings = load_settings(compose_config([
+        f"paths.prepared={prepared_bundled}", f"paths.model={folder}/model", f"paths.checkpoints={folder}/ckpt",
+        f"data.source={BUNDLED}", "train.max_steps=2", "train.epochs=1", f"tracking.uri={uri}",
+        "tracking.experiment=tests", "train.save_checkpoints=false",
+    ]))
+    with tracked_run(settings, config=to_plain_dict(settings), overrides=["train.max_steps=2"]) as observer:
+        result = train(settings, observer=observer)
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.search_runs(experiment_names=["tests"], output_format="list")[0]
+    return uri, run, result, settings
+
+
+@pytest.mark.slow
+def test_run_logs_params_metrics_tags_and_inputs(tracked):
+    uri, run, result, _ = tracked
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "5e-05" and run.data.params["loss.scale"] == "20.0"
+    assert run.data.params["run.world_size"] == "1" and run.data.params["run.steps_per_epoch"] == "9"
+    assert run.data.tags["pairtune.overrides"] == "train.max_steps=2"
+    assert len(run.data.tags["git.commit"]) in (4, 40) and run.data.tags["git.dirty"] in ("true", "false")
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [1, 2]
+    assert [m.value for m in losses] == pytest.approx(result.step_losses)
+    for name in ("learning_rate", "grad_norm", "pairs_per_second"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2
+    mrr = client.get_metric_history(run.info.run_id, "eval_cosine_mrr_at_10")
+    assert [m.step for m in mrr] == [0, 2]
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["evaluation", "training"]
+    assert all(i.dataset.digest for i in run.inputs.dataset_inputs)
+
+
+@pytest.mark.slow
+def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
+    uri, run, result, _ = tracked
+    table = mlflow.load_table("training_logs.json", run_ids=[run.info.run_id])
+    assert table["Step"].tolist() == [0, 2]
+    assert table["Training Loss"].isna().tolist() == [True, False]
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"README.md", "config.yaml", "training_logs.md", "training_logs.json", "plots"} <= files
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss_curve.png", "plots/eval_metrics.png"}
+    model = mlflow.pyfunc.load_model("models:/pairtune@newest")
+    embedding = model.predict(["Ada see sh"])
+    assert embedding.shape == (1, 384)
+    assert json.loads((result.model_dir / "pairtune_run.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def _status_after(settings, error: BaseException) -> mlflow.entities.Run:
+    with pytest.raises(type(error)), tracked_run(settings, config=to_plain_dict(settings)):
+        raise error
+    return mlflow.search_runs(experiment_names=[settings.tracking.experiment], output_format="list",
+                              order_by=["attributes.start_time DESC"])[0]
+
+
+def test_failed_and_killed_runs_are_marked(make_settings, tmp_path):
+    settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/s.db",
+                             "tracking.experiment=statuses")
+    failed = _status_after(settings, RuntimeError("boom"))
+    assert failed.info.status == "FAILED" and failed.data.tags["pairtune.error"] == "RuntimeError: boom"
+    killed = _status_after(settings, KeyboardInterrupt())
+    assert killed.info.status == "KILLED"
+
+
+def test_tracking_off_touches_no_store(make_settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings("tracking.enabled=false", f"tracking.uri=sqlite:///{tmp_path}/off.db")
+    with tracked_run(settings, config={}) as observer:
+        observer.on_step(1, {"train_loss": 1.0})
+    assert not (tmp_path / "off.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_parent_and_a_child_per_job(tmp_path):
+    uri = f"sqlite:///{tmp_path}/sweep.db"
+    command = [
+        sys.executable, "pipelines/train.py", "-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1",
+        "train.eval_on_start=false", "tracking.log_model=false", f"tracking.uri={uri}", "tracking.experiment=sweep",
+        f"paths.prepared={tmp_path}/prepared", f"paths.model={tmp_path}/model",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+    subprocess.run([sys.executable, "pipelines/prepare.py", f"paths.prepared={tmp_path}/prepared"], cwd=ROOT, check=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["sweep"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("pairtune.stage") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(c.data.params["train.lr"] for c in children) == ["1e-05", "3e-05"]
+    assert parents[0].data.tags["pairtune.best_child_run_id"] in {c.info.run_id for c in children}
+    table = mlflow.load_table("sweep_children.json", run_ids=[parents[0].info.run_id])
+    assert len(table) == 2
+    listing = subprocess.run(
+        [sys.executable, "-m", "pairtune.cli", "runs", "--tracking-uri", uri, "--experiment", "sweep",
+         "--parent", parents[0].info.run_id], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "status", "train.lr"] and "eval_cosine_mrr_at_10" in lines[0]
+    assert len(lines) == 4 and all("FINISHED" in line for line in lines[2:])
