@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install run prepare train evaluate test lint format clean
+.PHONY: help install browser run prepare train evaluate sweep ui bench test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -39,17 +39,35 @@ train: $(STAMP) ## only the train stage (add ARGS="train.lr=1e-5 ...")
 evaluate: $(STAMP) ## only the evaluate stage
 	$(PY) pipelines/evaluate.py
 
-test: $(STAMP) ## every test (slow and browser ones included)
-	$(PY) -m ruff check src pipelines tests
+data/prepared/train.parquet: $(STAMP) data/raw/pairs.jsonl
+	$(PY) pipelines/prepare.py
+
+sweep: data/prepared/train.parquet ## a small demonstration sweep: 2 learning rates in parallel, one MLflow parent
+	$(PY) pipelines/train.py -m hydra/launcher=parallel train.lr=2e-5,5e-5 train.epochs=2 train.num_threads=1 \
+	    tracking.log_model=false
+	$(PY) -m pairtune.cli runs --parent latest
+
+ui: $(STAMP) ## the MLflow UI on the local store, bound to 127.0.0.1:5000
+	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+bench: $(STAMP) ## pairtune vs SentenceTransformerTrainer, side by side (prints figures)
+	$(PY) bench/compare.py
+
+browser: ## Debian's chromium for the browser tests (installed once)
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser ## every test (slow and browser ones included)
+	$(PY) -m ruff check src pipelines tests bench
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff lint and format check
-	$(PY) -m ruff check src pipelines tests
-	$(PY) -m ruff format --check src pipelines tests
+	$(PY) -m ruff check src pipelines tests bench
+	$(PY) -m ruff format --check src pipelines tests bench
 
 format: $(STAMP) ## apply ruff's formatting and fixes
-	$(PY) -m ruff format src pipelines tests
-	$(PY) -m ruff check --fix src pipelines tests
+	$(PY) -m ruff format src pipelines tests bench
+	$(PY) -m ruff check --fix src pipelines tests bench
 
 clean: ## remove pipeline outputs (keeps .venv and the MLflow store)
 	rm -rf data/prepared models reports checkpoints outputs multirun

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="a table of an experiment's runs: differing params and final metrics")
     runs.add_argument("--experiment", default=None, help="experiment name (default: $MLFLOW_EXPERIMENT_NAME or pairtune)")
     runs.add_argument("--tracking-uri", default=None, help="store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    runs.add_argument("--parent", metavar="RUN_ID", default=None, help="list the children of this sweep run")
+    runs.add_argument("--parent", metavar="RUN_ID", default=None, help="list the children of this sweep run ('latest': the newest sweep)")
     runs.add_argument("--sort", default="eval_cosine_mrr_at_10", help="metric to sort by, best first")
     runs.add_argument("--ascending", action="store_true", help="sort the smallest value first (for losses)")
     runs.add_argument("--limit", type=int, default=50)

@@ -25,18 +25,18 @@ def collect_runs(
     """Training runs of an experiment (sweep parents left out), or the children of one sweep."""
     mlflow = tracking._mlflow()
     mlflow.set_tracking_uri(tracking.tracking_uri(tracking_uri))
+    if parent_run_id == "latest":
+        parent_run_id = latest_sweep_id(experiment)
+        if parent_run_id is None:
+            return []
     if parent_run_id:
         runs = tracking.child_runs(parent_run_id)
     else:
         found = mlflow.get_experiment_by_name(tracking.experiment_name(experiment))
         if found is None:
             return []
-        runs = mlflow.search_runs(
-            experiment_ids=[found.experiment_id],
-            filter_string="tags.`pairtune.stage` != 'sweep'",
-            max_results=limit,
-            output_format="list",
-        )
+        runs = mlflow.search_runs(experiment_ids=[found.experiment_id], max_results=limit, output_format="list")
+        runs = [run for run in runs if run.data.tags.get("pairtune.stage") != "sweep"]
     return [
         RunRow(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.metrics))
         for run in runs[:limit]
@@ -65,3 +65,24 @@ def format_table(rows: list[RunRow], *, sort_metric: str) -> str:
         return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` pairs of one metric of one run, in step order."""
+    history = tracking._mlflow().MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def latest_sweep_id(experiment: str | None) -> str | None:
+    mlflow = tracking._mlflow()
+    found = mlflow.get_experiment_by_name(tracking.experiment_name(experiment))
+    if found is None:
+        return None
+    sweeps = mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        filter_string="tags.`pairtune.stage` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return sweeps[0].info.run_id if sweeps else None
