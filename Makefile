@@ -11,24 +11,29 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run prepare train evaluate sweep ui bench test lint format clean
+.PHONY: help install browser run params prepare train evaluate export sweep ui bench test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0  # the CPU wheel first, never a CUDA build
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pinned dependencies
 
-run: $(STAMP) ## the default pipeline on the bundled data: prepare -> train -> evaluate
-	$(PY) pipelines/prepare.py
-	$(PY) pipelines/train.py
-	$(PY) pipelines/evaluate.py
+# DVC runs the stages with the venv's python first on PATH.
+DVC := PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc
+
+run: $(STAMP) ## the default pipeline on the bundled data: dvc repro (prepare -> train -> evaluate -> export)
+	$(DVC) repro
+	$(DVC) metrics show
+
+params: $(STAMP) ## recompose params.yaml from conf/ (what `dvc exp run` does), after editing conf/
+	$(PY) -c "import os; from dvc.utils.hydra import compose_and_dump as c; \
+	    c('params.yaml', os.path.abspath('conf'), None, 'config', os.path.abspath('.dvc'), [])"
 
 prepare: $(STAMP) ## only the prepare stage
 	$(PY) pipelines/prepare.py
@@ -38,6 +43,9 @@ train: $(STAMP) ## only the train stage (add ARGS="train.lr=1e-5 ...")
 
 evaluate: $(STAMP) ## only the evaluate stage
 	$(PY) pipelines/evaluate.py
+
+export: $(STAMP) ## only the export stage (ONNX fp32 + int8)
+	$(PY) pipelines/export.py
 
 data/prepared/train.parquet: $(STAMP) data/raw/pairs.jsonl
 	$(PY) pipelines/prepare.py

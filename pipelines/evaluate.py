@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: base vs trained model on the test split, to reports/metrics.json."""
+"""DVC stage `evaluate`: base vs trained model on the test split, to reports/metrics.json and the run."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ from omegaconf import DictConfig
 from pairtune.app import exit_on_user_error, quiet_third_party
 from pairtune.config import load_settings
 from pairtune.stages import run_evaluate
+from pairtune.tracking import stage_run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    report = run_evaluate(load_settings(cfg))
+    settings = load_settings(cfg)
+    with stage_run(settings, stage="evaluate") as reporter:
+        report = run_evaluate(settings)
+        for label in ("base", "trained"):
+            reporter.log_metrics({f"test_{label}_{k}": v for k, v in report[label].items()})
+        reporter.log_json(report, "reports/metrics.json")
+        reporter.log_comparison_plots({k: report[k] for k in ("base", "trained")}, "plots/test")
     print(json.dumps(report, indent=2))
 
 

@@ -34,9 +34,16 @@ def test_unknown_key_fails_at_composition_naming_it():
         compose_config(["train.learning_rate=1e-5"])
 
 
+def test_unknown_key_in_a_preset_fails_naming_it(tmp_path):
+    raw = OmegaConf.to_container(compose_config(), resolve=True)
+    raw["loss"]["temperature"] = 0.05
+    with pytest.raises(ConfigError, match="config key 'loss.temperature'"):
+        load_settings(raw)
+
+
 def test_wrong_type_fails_naming_the_key():
-    with pytest.raises(ConfigCompositionException, match="train.epochs"):
-        compose_config(["train.epochs=ten"])
+    with pytest.raises(ConfigError, match="config key 'train.epochs'"):
+        load_settings(compose_config(["train.epochs=ten"]))
 
 
 @pytest.mark.parametrize(

@@ -54,9 +54,11 @@ class ModelConfig:
     name: str = BUNDLED_MODEL_ID  # hub id or local folder; the bundled copy serves offline
     max_seq_length: int = 256
     trust_remote_code: bool = False
+    dropout: float | None = None  # None keeps the checkpoint's dropout; 0.0 makes training deterministic per row
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
+        _require(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1) or null")
         _require(self.max_seq_length > 0, "model.max_seq_length", "must be > 0")
 
 
@@ -138,6 +140,18 @@ class TrackingConfig:
 
 
 @dataclass
+class ExportConfig:
+    opset: int = 17
+    batch_size: int = 32  # encode throughput is measured at this batch size
+    min_cosine_fp32: float = 0.9999  # parity floor, every test sentence
+    min_cosine_int8: float = 0.99
+
+    def __post_init__(self) -> None:
+        _require(self.opset >= 14, "export.opset", "must be >= 14")
+        _require(self.batch_size > 0, "export.batch_size", "must be > 0")
+
+
+@dataclass
 class PairtuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +159,7 @@ class PairtuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if self.loss.mini_batch_size is not None:

@@ -214,6 +214,9 @@ def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; outputs get the usual mode
     try:
         fill(staging)
         if target.exists():

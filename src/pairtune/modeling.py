@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 from pairtune.config import BUNDLED_MODEL_ID
@@ -49,10 +50,24 @@ def resolve_model_source(name: str) -> tuple[str, str]:
 
 
 def load_model(
-    name: str, *, max_seq_length: int, trust_remote_code: bool = False, device: str | None = "cpu"
+    name: str,
+    *,
+    max_seq_length: int,
+    trust_remote_code: bool = False,
+    device: str | None = "cpu",
+    dropout: float | None = None,
 ) -> SentenceTransformer:
     source, origin = resolve_model_source(name)
     log.info("model %s from the %s", name, origin)
     model = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
     model.max_seq_length = max_seq_length
+    if dropout is not None:
+        set_dropout(model, dropout)
     return model
+
+
+def set_dropout(model: torch.nn.Module, probability: float) -> None:
+    """Every dropout layer at ``probability`` (0.0 turns dropout off while training)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability

@@ -95,8 +95,62 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
     return report
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def run_export(settings: PairtuneConfig) -> dict:
+    """ONNX fp32 + int8 export of the trained model, parity and speed on the test split, to reports/export.json.
+
+    Fails (after writing the report) when any test sentence falls under the configured cosine floors.
+    """
+    from pairtune.export import export_onnx, measure_parity
+
+    columns = columns_of(settings)
+    splits = load_prepared(settings.paths.prepared)
+    calibration = splits["train"][columns.anchor].tolist() + splits["train"][columns.positive].tolist()
+    files = export_onnx(settings.paths.model, settings.paths.onnx, opset=settings.export.opset,
+                        calibration_sentences=calibration)
+    test = splits["test"]
+    sentences = test[columns.anchor].tolist() + test[columns.positive].tolist()
+    parity = measure_parity(settings.paths.model, settings.paths.onnx, sentences, batch_size=settings.export.batch_size)
+    floors = {"fp32": settings.export.min_cosine_fp32, "int8": settings.export.min_cosine_int8}
+    parity["passed"] = {v: parity["cosine"][v]["min"] >= floor for v, floor in floors.items()}
+    report = {"size_mb": files["size_mb"], **parity}
+    write_json_atomic(Path(settings.paths.reports) / "export.json", report)
+    failed = [v for v, ok in parity["passed"].items() if not ok]
+    if failed:
+        raise ExportParityError(f"{settings.paths.onnx}: {failed[0]} cosine {parity['cosine'][failed[0]]['min']:.5f} "
+                                f"below export.min_cosine_{failed[0]}={floors[failed[0]]}")
+    return report
+
+
+class ExportParityError(RuntimeError):
+    """An exported variant drifted from the PyTorch embeddings beyond the configured floor."""
+
+
+def flat_export_metrics(report: dict) -> dict[str, float]:
+    metrics = {f"export_cosine_min_{v}": c["min"] for v, c in report["cosine"].items()}
+    metrics |= {f"export_speedup_{k}": v for k, v in report["speedup_vs_torch"].items()}
+    metrics |= {f"export_throughput_{k}": v for k, v in report["throughput"].items()}
+    return metrics
+
+
+def write_training_plots(result, reports: Path) -> None:
+    """CSV series for ``dvc plots``: the loss per step and the eval metrics per evaluation."""
+    folder = reports / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    loss_rows = ["step,train_loss", *(f"{i},{v:.6f}" for i, v in enumerate(result.step_losses, start=1))]
+    write_text_atomic(folder / "train_loss.csv", "\n".join(loss_rows) + "\n")
+    keys = [metric_key(m) for m in CARD_METRICS]
+    eval_rows = ["step,epoch," + ",".join(f"eval_{k}" for k in keys)]
+    for row in result.rows:
+        eval_rows.append(f"{row.step},{row.epoch}," + ",".join(f"{row.metrics[m]:.6f}" for m in CARD_METRICS))
+    write_text_atomic(folder / "eval_metrics.csv", "\n".join(eval_rows) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    staging.write_text(text, encoding="utf-8")
     staging.replace(path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

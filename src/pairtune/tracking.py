@@ -285,7 +285,7 @@ def tracked_run(
         run_id=resume_run_id,
         run_name=None if resume_run_id else settings.tracking.run_name,
         parent_run_id=parent_run_id,
-        tags=run_tags(overrides or [], stage),
+        tags=None if resume_run_id else run_tags(overrides or [], stage),
     )
     status = "FAILED"
     try:
@@ -426,3 +426,51 @@ def summarise_sweep(parent_run_id: str, objective: str) -> dict[str, Any] | None
     failed = any(row["status"] != "FINISHED" for row in rows)
     client.set_terminated(parent_run_id, status="FAILED" if failed or not rows else "FINISHED")
     return best
+
+
+class StageReporter:
+    """What the evaluate and export stages log; this base class is the no-op used without tracking."""
+
+    def log_metrics(self, metrics: dict[str, float]) -> None: ...
+    def log_json(self, payload: dict, artifact_file: str) -> None: ...
+    def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None: ...
+
+
+class MlflowStageReporter(StageReporter):
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        _mlflow().log_metrics(metrics)
+
+    def log_json(self, payload: dict, artifact_file: str) -> None:
+        _mlflow().log_dict(payload, artifact_file)
+
+    def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None:
+        """One bar chart per metric: each entry of ``report`` (e.g. base, trained) side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = list(report)
+        for metric in report[labels[0]]:
+            fig, ax = plt.subplots(figsize=(4, 3))
+            values = [report[label][metric] for label in labels]
+            ax.bar(labels, values, color=["#9aa5b1", "#2a6fdb"][: len(labels)])
+            for x, value in enumerate(values):
+                ax.text(x, value, f"{value:.3f}", ha="center", va="bottom")
+            ax.set(title=metric, ylim=(0, 1.05))
+            _mlflow().log_figure(fig, f"{folder}/{metric}.png")
+            plt.close(fig)
+
+
+@contextmanager
+def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter]:
+    """Reopen the pipeline's run (its id is in the trained model folder) for a later stage."""
+    run_id = read_run_id(Path(settings.paths.model))
+    if run_id is None or not (settings.tracking.enabled and is_main_process()):
+        if settings.tracking.enabled and run_id is None:
+            log.warning("%s: no MLflow run id in %s; not tracked", stage, settings.paths.model)
+        yield StageReporter()
+        return
+    with tracked_run(settings, config={}, stage=stage, resume_run_id=run_id):
+        _mlflow().set_tag(f"pairtune.stage.{stage}", "done")
+        yield MlflowStageReporter()

@@ -332,6 +332,7 @@ def setup_run(settings: PairtuneConfig, accelerator: Accelerator) -> Run:
         max_seq_length=settings.model.max_seq_length,
         trust_remote_code=settings.model.trust_remote_code,
         device=str(accelerator.device),
+        dropout=settings.model.dropout,
     )
     frame = splits["train"]
     with accelerator.main_process_first():

@@ -1,0 +1,29 @@
+"""DVC stage `export`: ONNX fp32 + int8 encoders with measured parity and speed, logged to the run."""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from omegaconf import DictConfig
+
+from pairtune.app import exit_on_user_error, quiet_third_party
+from pairtune.config import load_settings
+from pairtune.stages import flat_export_metrics, run_export
+from pairtune.tracking import stage_run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    quiet_third_party()
+    settings = load_settings(cfg)
+    with stage_run(settings, stage="export") as reporter:
+        report = run_export(settings)
+        reporter.log_metrics(flat_export_metrics(report))
+        reporter.log_json(report, "reports/export.json")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
