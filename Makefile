@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run params prepare train evaluate export sweep ui bench test lint format clean
+.PHONY: help install browser run params prepare train train-ddp-cpu evaluate export sweep ui bench test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,10 @@ export: $(STAMP) ## only the export stage (ONNX fp32 + int8)
 
 data/prepared/train.parquet: $(STAMP) data/raw/pairs.jsonl
 	$(PY) pipelines/prepare.py
+
+train-ddp-cpu: data/prepared/train.parquet ## 2 CPU processes (torchrun + gloo), candidates gathered across both
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 pipelines/train.py train.batch_size=16 \
+	    loss.gather_across_devices=true paths.model=models/trained-ddp tracking.run_name=ddp-cpu-2 $(ARGS)
 
 sweep: data/prepared/train.parquet ## a small demonstration sweep: 2 learning rates in parallel, one MLflow parent
 	$(PY) pipelines/train.py -m hydra/launcher=parallel train.lr=2e-5,5e-5 train.epochs=2 train.num_threads=1 \

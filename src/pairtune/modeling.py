@@ -63,7 +63,18 @@ def load_model(
     model.max_seq_length = max_seq_length
     if dropout is not None:
         set_dropout(model, dropout)
+    freeze_unused_pooler(model)
     return model
+
+
+def freeze_unused_pooler(model: torch.nn.Module) -> None:
+    """A BERT checkpoint's ``pooler`` never takes part in sentence embeddings (the Pooling module does).
+
+    Left trainable it gets no gradient, which DistributedDataParallel reports as an error on step 2.
+    """
+    for name, module in model.named_modules():
+        if name.endswith("model.pooler"):
+            module.requires_grad_(False)
 
 
 def set_dropout(model: torch.nn.Module, probability: float) -> None:
