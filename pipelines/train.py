@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -9,10 +11,13 @@ from omegaconf import DictConfig
 
 from pairtune.app import exit_on_user_error, quiet_third_party
 from pairtune.config import load_settings, to_plain_dict
-from pairtune.signals import graceful_stop
+from pairtune.data import load_prepared
+from pairtune.signals import TrainingInterrupted, graceful_stop
 from pairtune.stages import write_training_plots
 from pairtune.tracking import hydra_overrides, is_main_process, sweep_parent_run_id, tracked_run
-from pairtune.training import train
+from pairtune.training import checkpoint_run_id, train
+
+log = logging.getLogger("pairtune.train")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -20,10 +25,20 @@ from pairtune.training import train
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
     settings = load_settings(cfg)
-    with graceful_stop(), tracked_run(
-        settings, config=to_plain_dict(settings), overrides=hydra_overrides(), parent_run_id=sweep_parent_run_id()
-    ) as observer:
-        result = train(settings, observer=observer)
+    load_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
+    resume_run = checkpoint_run_id(settings.paths.checkpoints) if settings.train.resume else None
+    try:
+        with graceful_stop(), tracked_run(
+            settings,
+            config=to_plain_dict(settings),
+            overrides=hydra_overrides(),
+            parent_run_id=sweep_parent_run_id(),
+            resume_run_id=resume_run,
+        ) as observer:
+            result = train(settings, observer=observer)
+    except TrainingInterrupted as stop:
+        log.warning("%s; checkpoint in %s, continue with train.resume=true", stop, settings.paths.checkpoints)
+        sys.exit(stop.exit_code)
     if is_main_process():
         write_training_plots(result, Path(settings.paths.reports))
     return result.objective

@@ -12,11 +12,12 @@ from typing import TypeVar
 from pairtune.config import ConfigError
 from pairtune.data import PairDataError
 from pairtune.stages import ExportParityError
+from pairtune.training import NonFiniteLossError
 
 T = TypeVar("T")
 
 #: Errors a user can fix; they end the process with one line on stderr and exit status 2.
-USER_ERRORS = (ConfigError, PairDataError, ExportParityError)
+USER_ERRORS = (ConfigError, PairDataError, ExportParityError, NonFiniteLossError)
 
 
 def quiet_third_party() -> None:

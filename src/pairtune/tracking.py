@@ -63,17 +63,28 @@ def redact(text: str) -> str:
     return URI_PASSWORD.sub(r"\1***@", text)
 
 
+def redact_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy with secret-looking keys masked and URI passwords hidden, for anything that gets logged."""
+    clean: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            clean[key] = redact_tree(value)
+        elif SECRET_KEY.search(str(key)):
+            clean[key] = "***"
+        else:
+            clean[key] = redact(value) if isinstance(value, str) else value
+    return clean
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 5e-5}}`` -> ``{"train.lr": 5e-5}``; secrets are redacted, never logged."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
+    for key, value in redact_tree(tree).items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
-        elif SECRET_KEY.search(str(key)):
-            flat[name] = "***"
         else:
-            flat[name] = redact(value) if isinstance(value, str) else value
+            flat[name] = value
     return flat
 
 
@@ -133,6 +144,7 @@ class MlflowObserver(Observer):
     def __init__(self, settings: PairtuneConfig) -> None:
         self.settings = settings
         self.mlflow = _mlflow()
+        self.run_id = active_run_id()
 
     def on_train_start(self, context: dict[str, Any]) -> None:
         self.mlflow.log_params({f"run.{k}": v for k, v in context.items()})
@@ -249,8 +261,7 @@ def log_run_config(settings: PairtuneConfig, config: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[start : start + PARAM_BATCH]))
     if overflow:
         mlflow.log_dict(overflow, "params_overflow.json")
-    safe = json.loads(redact(json.dumps(config)))
-    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(safe)), "config.yaml")
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(redact_tree(config))), "config.yaml")
 
 
 def run_tags(overrides: list[str], stage: str) -> dict[str, str]:

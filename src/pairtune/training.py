@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Observer:
     """Hooks the loop calls on the main process only; the tracker implements them. All default to no-ops."""
+
+    run_id: str | None = None  # the tracking run, saved in checkpoints so a resume reopens it
 
     def on_train_start(self, context: dict[str, Any]) -> None: ...
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -203,11 +206,23 @@ def evaluate_on_main(accelerator: Accelerator, model, evaluator) -> dict[str, fl
 
 @dataclass
 class LoopState:
+    """The loop's counters; with the Accelerate state they make a checkpoint resumable exactly."""
+
     step: int = 0
+    epoch: int = 0  # the epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained
     step_losses: list[float] = field(default_factory=list)
     rows: list[EpochRow] = field(default_factory=list)
     pairs_seen: int = 0
     seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "rows"}, "rows": [r.__dict__ for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LoopState:
+        rows = [EpochRow(**row) for row in payload.pop("rows")]
+        return cls(**payload, rows=rows)
 
 
 def run_epoch(
@@ -223,16 +238,19 @@ def run_epoch(
     schedule: Schedule,
     state: LoopState,
     observer: Observer,
-) -> list[float]:
-    """Train one epoch (or up to ``max_steps``); return the losses of its optimizer steps."""
+) -> None:
+    """Train one epoch (or up to ``max_steps``), from ``state.batches_done`` when resuming mid-epoch."""
     train = settings.train
     sampler.set_epoch(epoch)
     local_batches = list(sampler)
-    epoch_losses: list[float] = []
+    skip = state.batches_done if state.epoch == epoch else 0  # > 0 when resuming mid-epoch
+    state.epoch, state.batches_done = epoch, skip
     window: list[torch.Tensor] = []
     window_pairs = 0
     started = time.perf_counter()
     for index, rows in enumerate(local_batches):
+        if index < skip:
+            continue
         is_update = (index + 1) % train.gradient_accumulation_steps == 0 or index + 1 == len(local_batches)
         window_pairs += len(rows)
         window.append(
@@ -253,7 +271,7 @@ def run_epoch(
             raise NonFiniteLossError(f"non-finite loss {step_loss} at step {state.step + 1}")
         window.clear()
         state.step += 1
-        epoch_losses.append(step_loss)
+        state.batches_done = index + 1
         state.step_losses.append(step_loss)
         pairs = int(accelerator.reduce(torch.tensor(window_pairs, device=accelerator.device), reduction="sum"))
         window_pairs = 0
@@ -274,23 +292,58 @@ def run_epoch(
         started = time.perf_counter()  # reporting is not step time
         if STOP.requested:
             if train.save_checkpoints:
-                save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, epoch, train.keep_checkpoints)
+                save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, train.keep_checkpoints,
+                                run_id=observer.run_id)
             raise TrainingInterrupted(STOP.signum, state.step)
         if state.step >= schedule.total_steps:
             break
-    return epoch_losses
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, state: LoopState, epoch: int, keep: int) -> None:
-    """``accelerator.save_state`` plus the loop's own counters; only the newest ``keep`` survive."""
+def save_checkpoint(
+    accelerator: Accelerator, folder: Path, state: LoopState, keep: int, *, run_id: str | None = None
+) -> Path:
+    """``accelerator.save_state`` plus the loop's counters, written beside and renamed into place.
+
+    Only the newest ``keep`` checkpoints survive; a crash mid-write leaves a ``.tmp`` folder, never a
+    half-written ``step-*`` one.
+    """
     target = folder / f"step-{state.step:06d}"
-    accelerator.save_state(str(target), safe_serialization=True)
+    staging = folder / f".step-{state.step:06d}.tmp"
     if accelerator.is_main_process:
-        meta = {"step": state.step, "epoch": epoch + 1, "step_losses": state.step_losses}
-        (target / "pairtune_state.json").write_text(json.dumps(meta) + "\n")
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"state": state.to_json(), "mlflow_run_id": run_id}
+        (staging / CHECKPOINT_STATE).write_text(json.dumps(meta) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
         for old in sorted(folder.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return target
+
+
+CHECKPOINT_STATE = "pairtune_state.json"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = sorted(p for p in Path(folder).glob("step-*") if (p / CHECKPOINT_STATE).is_file())
+    return found[-1] if found else None
+
+
+def checkpoint_run_id(folder: str | Path) -> str | None:
+    """The tracking run a checkpoint belongs to, so a resumed run logs into it."""
+    latest = latest_checkpoint(folder)
+    return json.loads((latest / CHECKPOINT_STATE).read_text()).get("mlflow_run_id") if latest else None
+
+
+def restore_checkpoint(accelerator: Accelerator, folder: Path) -> LoopState:
+    accelerator.load_state(str(folder))
+    meta = json.loads((folder / CHECKPOINT_STATE).read_text())
+    log.info("resumed from %s (step %s)", folder, meta["state"]["step"])
+    return LoopState.from_json(meta["state"])
 
 
 @contextmanager
@@ -390,21 +443,29 @@ def run_training(settings: PairtuneConfig, run: Run, observer: Observer) -> Trai
         observer.on_train_start(run.context)
         log.info("training %s steps (%s per epoch), global batch %s", schedule.total_steps,
                  schedule.steps_per_epoch, run.sampler.global_batch_size)
-    state = LoopState()
-    if train_cfg.eval_on_start:
+    checkpoints = Path(settings.paths.checkpoints)
+    resume_from = latest_checkpoint(checkpoints) if train_cfg.resume else None
+    if train_cfg.resume and resume_from is None:
+        log.warning("train.resume=true but no checkpoint in %s: starting from scratch", checkpoints)
+    state = restore_checkpoint(accelerator, resume_from) if resume_from else LoopState()
+    if train_cfg.eval_on_start and not resume_from:
         record_evaluation(accelerator, run.model, run.evaluator, state, observer, epoch=0.0, loss=None)
-    for epoch in range(train_cfg.epochs):
-        losses = run_epoch(
+    for epoch in range(state.epoch, train_cfg.epochs):
+        if state.step >= schedule.total_steps:
+            break
+        run_epoch(
             epoch, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, accelerator=accelerator,
             sampler=run.sampler, tokens=run.tokens, settings=settings, schedule=schedule, state=state,
             observer=observer,
         )
+        losses = state.step_losses[sum(schedule.epoch_steps[:epoch]) :]  # this epoch's, across a resume
         finished_epoch = len(losses) == schedule.epoch_steps[epoch]
         epoch_mark = float(epoch + 1) if finished_epoch else round(epoch + len(losses) / schedule.epoch_steps[epoch], 4)
         mean_loss = sum(losses) / len(losses) if losses else None
         record_evaluation(accelerator, run.model, run.evaluator, state, observer, epoch=epoch_mark, loss=mean_loss)
+        state.epoch, state.batches_done = epoch + 1, 0
         if train_cfg.save_checkpoints:
-            save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, epoch, train_cfg.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoints, state, train_cfg.keep_checkpoints, run_id=observer.run_id)
         if state.step >= schedule.total_steps:
             break
     return TrainResult(

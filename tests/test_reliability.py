@@ -1,0 +1,167 @@
+"""Interruption and resume, numerical faults, bad config, concurrency and secrets, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from safetensors.torch import load_file
+
+from .conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(tmp_path: Path, prepared: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "pipelines/train.py", f"paths.prepared={prepared}", f"paths.model={tmp_path}/{name}",
+        f"paths.checkpoints={tmp_path}/ckpt-{name}", f"paths.reports={tmp_path}/reports-{name}",
+        "train.epochs=1", "train.eval_on_start=false", f"tracking.uri=sqlite:///{tmp_path}/store.db",
+        "tracking.log_model=false", f"tracking.run_name={name}", f"hydra.run.dir={tmp_path}/hydra-{name}", *extra,
+    ]
+
+
+def run_statuses(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store.db")
+    return {r.info.run_name: (r.info.status, r.info.run_id)
+            for r in mlflow.search_runs(experiment_names=["pairtune"], output_format="list")}
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_marks_killed_and_resume_equals_uninterrupted(tmp_path, prepared_bundled):
+    # Given an uninterrupted 9-step run
+    subprocess.run(train_command(tmp_path, prepared_bundled, "whole"), cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    # When the same run gets a real SIGTERM after its first steps
+    proc = subprocess.Popen(train_command(tmp_path, prepared_bundled, "cut"), cwd=ROOT, env=ENV,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if "training 9 steps" in line:
+            break
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, rest[-2000:]
+    checkpoints = sorted((tmp_path / "ckpt-cut").glob("step-*"))
+    assert len(checkpoints) == 1, rest[-2000:]
+    stopped_at = json.loads((checkpoints[0] / "pairtune_state.json").read_text())["state"]["step"]
+    assert 0 < stopped_at < 9
+    status, run_id = run_statuses(tmp_path)["cut"]
+    assert status == "KILLED"
+    # Then resuming finishes the same MLflow run with the weights of the uninterrupted run
+    subprocess.run(train_command(tmp_path, prepared_bundled, "cut", "train.resume=true"), cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
+    assert run_statuses(tmp_path)["cut"] == ("FINISHED", run_id)
+    whole, cut = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "cut/model.safetensors")
+    gap = max((whole[k] - cut[k]).abs().max().item() for k in whole)
+    print(f"resumed at step {stopped_at}; max weight difference to the uninterrupted run: {gap:.1e}")
+    assert gap <= 1e-6
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 10))
+
+
+def test_checkpoints_keep_the_newest_n_and_never_half_written(make_settings, prepared_bundled, tmp_path):
+    from pairtune.training import latest_checkpoint, train
+
+    settings = make_settings(f"paths.prepared={prepared_bundled}", "train.epochs=3", "train.max_steps=3",
+                             "train.keep_checkpoints=2", "train.eval_on_start=false")
+    settings.train.batch_size = 128  # 3 steps per epoch: checkpoints at steps 3 only when epochs end
+    train(settings)
+    folder = Path(settings.paths.checkpoints)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["step-000003"] and latest_checkpoint(folder).name == "step-000003"
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_failed_run(make_settings, prepared_bundled, tmp_path, monkeypatch):
+    import torch
+
+    from pairtune import training
+    from pairtune.config import to_plain_dict
+    from pairtune.tracking import tracked_run
+
+    settings = make_settings(f"paths.prepared={prepared_bundled}", "train.max_steps=3", "train.eval_on_start=false",
+                             "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/nan.db",
+                             "tracking.experiment=nan")
+    calls = {"n": 0}
+    real = training.mnrl_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * torch.tensor(float("nan")) if calls["n"] == 2 else value
+
+    monkeypatch.setattr(training, "mnrl_loss", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="at step 2"), tracked_run(settings, config=to_plain_dict(settings)) as obs:
+        training.train(settings, observer=obs)
+    run = mlflow.search_runs(experiment_names=["nan"], output_format="list")[0]
+    assert run.info.status == "FAILED" and "at step 2" in run.data.tags["pairtune.error"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-0.1", "config key 'train.lr': must be > 0"),
+        ("train.batch_size=0", "config key 'train.batch_size': must be > 0"),
+        ("train.epochs=0", "config key 'train.epochs': must be > 0"),
+        ("train.epochs=ten", "config key 'train.epochs'"),
+        ("train.learning_rate=1", "Key 'learning_rate' is not in struct"),
+        ("paths.prepared=/nonexistent", "/nonexistent: missing train.parquet"),
+    ],
+)
+def test_bad_config_fails_before_work_and_before_any_run(tmp_path, override, message):
+    store = tmp_path / "store.db"
+    done = subprocess.run([sys.executable, "pipelines/train.py", override, f"tracking.uri=sqlite:///{store}",
+                           f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not store.exists()
+
+
+@pytest.mark.slow
+def test_four_parallel_sweep_jobs_all_finish_in_one_sqlite_store(tmp_path, prepared_bundled):
+    uri = f"sqlite:///{tmp_path}/sweep.db"
+    done = subprocess.run(
+        [sys.executable, "pipelines/train.py", "-m", "hydra/launcher=parallel", "train.lr=1e-5,2e-5,3e-5,4e-5",
+         "train.num_threads=1", "train.max_steps=1", "train.epochs=1", "train.eval_on_start=false",
+         "train.save_checkpoints=false", "tracking.log_model=false", f"tracking.uri={uri}",
+         f"paths.prepared={prepared_bundled}", f"paths.model={tmp_path}/model", f"paths.reports={tmp_path}/r",
+         f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "database is locked" not in done.stderr
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["pairtune"], output_format="list")
+    children = [r for r in runs if r.data.tags.get("pairtune.stage") == "train"]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+
+
+def test_secrets_never_reach_the_store(make_settings, tmp_path, monkeypatch):
+    from pairtune.config import to_plain_dict
+    from pairtune.tracking import tracked_run
+
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue123")
+    store = tmp_path / "secret.db"
+    settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{store}",
+                             "tracking.experiment=secrets", "tracking.run_name=pw")
+    config = to_plain_dict(settings)
+    config["tracking"]["uri"] = "http://alice:hunter2pass@mlflow.internal:5000"
+    config["data"]["api_key"] = "sk-live-abcdef"
+    with tracked_run(settings, config=config, overrides=["tracking.uri=http://alice:hunter2pass@host"]):
+        pass
+    blobs = [store.read_bytes()] + [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != store]
+    for secret in (b"hunter2pass", b"sk-live-abcdef", b"hf_supersecretvalue123"):
+        assert not any(secret in blob for blob in blobs), secret
+    with sqlite3.connect(store) as db:
+        uris = [row[0] for row in db.execute("select value from params where key = 'tracking.uri'")]
+    assert uris == ["http://alice:***@mlflow.internal:5000"]
