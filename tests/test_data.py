@@ -139,3 +139,48 @@ def test_bundled_data_speaks_the_notation():
     assert lengths.min() >= 3 and lengths.max() <= 14
     text = " ".join(frame["sentence_0"])
     assert all(op in text for op in OPERATORS)
+
+
+def test_prepare_cli_refuses_bad_input_and_leaves_prepared_untouched(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "train.parquet").write_text("the good old split")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence_0": "a b c", "sentence_1": "x"}\n{"sentence_0": "a b\n')
+    done = subprocess.run(
+        [sys.executable, "pipelines/prepare.py", f"data.source={bad}", f"paths.prepared={prepared}",
+         f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"pairtune: error: {bad}: row 2: malformed JSON")
+    assert sorted(p.name for p in prepared.iterdir()) == ["train.parquet"]
+    assert (prepared / "train.parquet").read_text() == "the good old split"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "h", "prepared"]
+
+
+def test_fewer_training_pairs_than_one_batch_is_refused(make_settings, tmp_path):
+    from pairtune.stages import run_prepare
+
+    source = write_jsonl(tmp_path / "few.jsonl", pairs(40))
+    settings = make_settings(f"data.source={source}", "data.train_size=20", "data.eval_size=10")
+    with pytest.raises(PairDataError, match="20 training pairs, fewer than one batch"):
+        run_prepare(settings)
+    assert not Path(settings.paths.prepared).exists()
+
+
+def test_texts_over_max_seq_length_are_counted_with_a_warning(make_settings, tmp_path, caplog):
+    from pairtune.stages import run_prepare
+
+    rows = pairs(60)
+    rows[0]["sentence_1"] = "word " * 40
+    source = write_jsonl(tmp_path / "long.jsonl", rows)
+    settings = make_settings(f"data.source={source}", "data.train_size=40", "data.eval_size=10",
+                             "train.batch_size=8", "model.max_seq_length=16")
+    stats = run_prepare(settings)
+    assert stats["texts_over_max_seq_length"] == 1
+    assert "1 texts are longer than model.max_seq_length=16 tokens" in caplog.text

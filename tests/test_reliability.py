@@ -165,3 +165,54 @@ def test_secrets_never_reach_the_store(make_settings, tmp_path, monkeypatch):
     with sqlite3.connect(store) as db:
         uris = [row[0] for row in db.execute("select value from params where key = 'tracking.uri'")]
     assert uris == ["http://alice:***@mlflow.internal:5000"]
+
+
+def test_unreachable_tracking_server_is_reported_fast_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "pipelines/train.py", f"tracking.uri=http://127.0.0.1:{port}",
+         f"hydra.run.dir={tmp_path}/h", f"paths.model={tmp_path}/model"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2
+    assert f"pairtune: error: tracking server http://127.0.0.1:{port} unreachable" in done.stderr
+    assert "training" not in done.stderr and not (tmp_path / "model").exists()
+    assert elapsed < 60  # interpreter start and imports included; the probe itself gives up after 4 s
+
+
+def test_transient_logging_errors_are_retried_and_never_lost(make_settings, tmp_path, monkeypatch):
+    from pairtune import tracking
+    from pairtune.config import to_plain_dict
+
+    settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/t.db",
+                             "tracking.experiment=flaky", f"paths.reports={tmp_path}/reports")
+    real = mlflow.log_metrics
+    failures = {"left": 4}
+
+    def flaky(*args, **kwargs):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ConnectionError("server hiccup")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    with tracking.tracked_run(settings, config=to_plain_dict(settings)) as observer:
+        monkeypatch.setattr(mlflow, "log_metrics", flaky)
+        observer.on_step(1, {"train_loss": 1.5})  # 3 failed attempts: kept pending
+        observer.on_step(2, {"train_loss": 1.25})  # 1 more failure, then both go out
+        monkeypatch.setattr(mlflow, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+        observer.on_step(3, {"train_loss": 1.0})  # never gets through
+        observer.write_unlogged()
+        monkeypatch.setattr(mlflow, "log_metrics", real)
+    run = mlflow.search_runs(experiment_names=["flaky"], output_format="list")[0]
+    assert run.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.5), (2, 1.25)]
+    saved = [json.loads(line) for line in (tmp_path / "reports/unlogged_metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["train_loss"]) for row in saved] == [(3, 1.0)]

@@ -12,12 +12,13 @@ from typing import TypeVar
 from pairtune.config import ConfigError
 from pairtune.data import PairDataError
 from pairtune.stages import ExportParityError
+from pairtune.tracking import TrackingUnavailableError
 from pairtune.training import NonFiniteLossError
 
 T = TypeVar("T")
 
 #: Errors a user can fix; they end the process with one line on stderr and exit status 2.
-USER_ERRORS = (ConfigError, PairDataError, ExportParityError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, PairDataError, ExportParityError, NonFiniteLossError, TrackingUnavailableError)
 
 
 def quiet_third_party() -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,10 +120,29 @@ def _mlflow():
     return mlflow
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached; raised before any training starts."""
+
+
+def check_reachable(uri: str, timeout: float = 4.0) -> None:
+    """Fail within seconds, not after MLflow's minutes of retries, when an HTTP tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailableError(f"tracking server {redact(uri)} unreachable ({reason})") from None
+
+
 def configure(settings: PairtuneConfig) -> str:
     """Point MLflow at the store and experiment; create the experiment with artifacts under mlartifacts/."""
     mlflow = _mlflow()
     uri = tracking_uri(settings.tracking.uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     name = experiment_name(settings.tracking.experiment)
     if mlflow.get_experiment_by_name(name) is None:
@@ -150,14 +170,47 @@ class MlflowObserver(Observer):
         self.mlflow.log_params({f"run.{k}": v for k, v in context.items()})
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+        self.log_metrics(metrics, step, synchronous=False)
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         from pairtune.evaluation import metric_key
 
-        self.mlflow.log_metrics({f"eval_{metric_key(k)}": v for k, v in metrics.items()}, step=step)
+        self.log_metrics({f"eval_{metric_key(k)}": v for k, v in metrics.items()}, step)
+
+    pending: list[tuple[int, dict[str, float]]]
+    retries: int = 3
+
+    def log_metrics(self, metrics: dict[str, float], step: int, *, synchronous: bool = True) -> None:
+        """Log with retries; what still fails waits in ``pending`` and goes out with the next success.
+
+        A tracking hiccup never stops training: metrics that never get through end up in
+        ``<paths.reports>/unlogged_metrics.jsonl`` when training ends.
+        """
+        self.pending = getattr(self, "pending", [])
+        self.pending.append((step, metrics))
+        for attempt in range(self.retries):
+            try:
+                while self.pending:
+                    pending_step, pending_metrics = self.pending[0]
+                    self.mlflow.log_metrics(pending_metrics, step=pending_step, synchronous=synchronous)
+                    self.pending.pop(0)
+                return
+            except Exception as err:  # network, database locked, server 5xx: all transient here
+                log.warning("metric logging failed (attempt %d/%d): %s", attempt + 1, self.retries, err)
+                time.sleep(0.2 * 2**attempt)
+
+    def write_unlogged(self) -> None:
+        if getattr(self, "pending", None):
+            path = Path(self.settings.paths.reports) / "unlogged_metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                for step, metrics in self.pending:
+                    handle.write(json.dumps({"run_id": self.run_id, "step": step, **metrics}) + "\n")
+            log.error("%d metric rows could not be logged; written to %s", len(self.pending), path)
 
     def on_train_end(self, result: TrainResult) -> None:
+        self.log_metrics({}, result.global_step)  # one more try for anything pending
+        self.write_unlogged()
         self.mlflow.flush_async_logging()
         log_training_logs(result)
         log_plots(result)
