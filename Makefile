@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run params prepare train train-ddp-cpu evaluate export sweep ui bench test lint format clean
+.PHONY: help install browser run params prepare train train-ddp-cpu evaluate export sweep ui bench bench-scale test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ ui: $(STAMP) ## the MLflow UI on the local store, bound to 127.0.0.1:5000
 
 bench: $(STAMP) ## pairtune vs SentenceTransformerTrainer, side by side (prints figures)
 	$(PY) bench/compare.py
+
+bench-scale: $(STAMP) ## prepare and training at 1M synthetic pairs, cached MNRL memory (prints figures)
+	$(PY) bench/scale.py
 
 browser: ## Debian's chromium for the browser tests (installed once)
 	@command -v chromium >/dev/null || { apt-get update -qq && \

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from pairtune.batching import count_tokens
 from pairtune.config import PairtuneConfig
 from pairtune.data import (
     Columns,
@@ -53,12 +54,10 @@ def run_prepare(settings: PairtuneConfig) -> dict:
             f"{settings.train.batch_size})"
         )
     tokenizer = load_tokenizer(settings)
-
-    def count(texts):
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
+    texts = [text for c in columns.names for text in frame[c].tolist()]
+    tokens_of = dict(zip(texts, count_tokens(tokenizer, texts), strict=True))  # each text tokenised once
     limit = settings.model.max_seq_length
-    too_long = sum(sum(n > limit for n in count(frame[c].tolist())) for c in columns.names)
+    too_long = sum(int(tokens_of[text] > limit) for text in texts)
     if too_long:
         log.warning("%d texts are longer than model.max_seq_length=%d tokens and will be truncated", too_long, limit)
     stats = {
@@ -66,7 +65,10 @@ def run_prepare(settings: PairtuneConfig) -> dict:
         "rows": {name: len(split) for name, split in splits.items()},
         "dropped_duplicates": dropped,
         "texts_over_max_seq_length": too_long,
-        "tokens": {name: token_stats(split, columns, count) for name, split in splits.items()},
+        "tokens": {
+            name: token_stats(split, columns, lambda batch: [tokens_of[t] for t in batch])
+            for name, split in splits.items()
+        },
     }
     write_prepared(settings.paths.prepared, splits, stats)
     log.info("wrote %s: %s", settings.paths.prepared, stats["rows"])

@@ -1,0 +1,123 @@
+"""`make bench-scale`: does pairtune hold up at a million pairs?
+
+Prints, for synthetic pairs in the notation (bench/synth.py):
+  1. prepare on 1,000,000 pairs: wall seconds and peak RSS (targets: <= 60 s, <= 2 GB);
+  2. training steps/s with 10k and with ~1M training pairs, same steps (target: within 10 %);
+  3. peak RSS of cached MNRL at global batch 1024 / mini-batch 32 against plain MNRL at batch 32
+     (target: <= 1.5x).
+Each measurement runs in its own process, so peak RSS is that process's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def child_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_child(args: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of one child process (each child measured in a fresh one)."""
+    wrapper = [sys.executable, str(Path(__file__)), "--measure", "--", *args]
+    started = time.perf_counter()
+    done = subprocess.run(wrapper, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return time.perf_counter() - started, report["peak_mb"], report["stdout"]
+
+
+def measure(args: list[str]) -> None:
+    """--measure mode: run the command, report its own peak RSS (RUSAGE_CHILDREN of this fresh process)."""
+    done = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        sys.exit(done.returncode)
+    print(json.dumps({"peak_mb": child_peak_mb(), "stdout": done.stdout}))
+
+
+def prepare(source: Path, folder: Path, train_size: str, eval_size: str) -> tuple[float, float]:
+    seconds, peak, _ = run_child([
+        sys.executable, "pipelines/prepare.py", f"data.source={source}", f"paths.prepared={folder}",
+        f"data.train_size={train_size}", f"data.eval_size={eval_size}", f"hydra.run.dir={folder}.hydra",
+    ])
+    return seconds, peak
+
+
+TRAIN_SNIPPET = """
+import json, sys
+from hydra import compose, initialize_config_dir
+from pairtune.app import quiet_third_party
+from pairtune.config import load_settings
+from pairtune.training import train
+quiet_third_party()
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    cfg = compose("config", overrides=sys.argv[2:])
+result = train(load_settings(cfg))
+steps_per_second = result.global_step / result.train_seconds
+print(json.dumps({"steps_per_second": steps_per_second, "pairs_per_second": result.pairs_per_second}))
+"""
+
+
+def train_rate(prepared: Path, work: Path, *overrides: str) -> tuple[dict, float]:
+    args = [
+        sys.executable, "-c", TRAIN_SNIPPET, str(ROOT / "conf"), f"paths.prepared={prepared}",
+        f"paths.model={work}/model", f"paths.checkpoints={work}/ckpt", "train.eval_on_start=false",
+        "train.save_checkpoints=false", "tracking.enabled=false", "train.epochs=1", *overrides,
+    ]
+    _, peak, stdout = run_child(args)
+    return json.loads(stdout.strip().splitlines()[-1]), peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.command)
+        return 0
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synth import generate
+
+    work = Path(tempfile.mkdtemp(prefix="pairtune-scale-"))
+    big, small = work / "big.parquet", work / "small.parquet"
+    generate(args.rows).to_parquet(big, index=False)
+    generate(10_100, seed=1).to_parquet(small, index=False)
+
+    seconds, peak = prepare(big, work / "prepared-big", "0.98", "1000")
+    print(f"prepare {args.rows:,} pairs: {seconds:.1f} s wall, peak RSS {peak:,.0f} MB  (targets <= 60 s, <= 2048 MB)")
+    prepare(small, work / "prepared-small", "10000", "50")
+
+    rates = {}
+    for label, folder in (("10k", work / "prepared-small"), ("1M", work / "prepared-big")):
+        rates[label], _ = train_rate(folder, work / label, f"train.max_steps={args.steps}", "data.eval_size=50")
+        print(f"train on {label:>3} pairs: {rates[label]['steps_per_second']:.3f} steps/s "
+              f"({rates[label]['pairs_per_second']:.1f} pairs/s, {args.steps} steps)")
+    ratio = rates["1M"]["steps_per_second"] / rates["10k"]["steps_per_second"]
+    print(f"steps/s 1M / 10k = {ratio:.3f}  (target within 10 %: 0.90-1.10)")
+
+    _, plain_peak = train_rate(work / "prepared-small", work / "plain", "train.max_steps=2", "train.batch_size=32")
+    _, cached_peak = train_rate(work / "prepared-small", work / "cached", "train.max_steps=2",
+                                "train.batch_size=1024", "loss.mini_batch_size=32")
+    print(f"peak RSS: plain MNRL batch 32 {plain_peak:,.0f} MB, cached MNRL batch 1024 / mini 32 "
+          f"{cached_peak:,.0f} MB = {cached_peak / plain_peak:.2f}x  (target <= 1.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
