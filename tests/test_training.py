@@ -41,6 +41,7 @@ def test_short_run_writes_model_and_card(make_settings, prepared_bundled):
     assert re.search(r"^\| 0\.0 \| 0 \| - \| [0-9.]+ ", logs, re.M), logs
     assert re.search(r"^\| 0\.2222 \| 2 \| [0-9.]+ \|", logs, re.M), logs
     assert (result.model_dir / "model.safetensors").is_file()
+    assert not list(result.model_dir.rglob("*.bin")) and not list(result.model_dir.rglob("*.pt"))  # safetensors only
     from sentence_transformers import SentenceTransformer
 
     reloaded = SentenceTransformer(str(result.model_dir), device="cpu")

@@ -22,7 +22,6 @@ USER_ERRORS = (ConfigError, PairDataError, ExportParityError, NonFiniteLossError
 
 
 def quiet_third_party() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "sentence_transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,22 @@ def tokenize_columns(tokenizer, columns: Sequence[Sequence[str]], *, max_length:
     return TokenizedColumns(encoded, tokenizer.pad_token_id or 0, with_token_types)
 
 
-def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Tokens per text including special tokens, untruncated (as the seed card's dataset table counts)."""
-    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+def count_tokens(tokenizer, texts: Sequence[str], *, chunk: int = 100_000) -> list[int]:
+    """Tokens per text including special tokens, untruncated (as the seed card's dataset table counts).
+
+    Works in chunks through the Rust tokenizer so a million texts cost lengths, not token lists, in memory.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a copy without the padding/truncation a saved tokenizer.json may carry
+        backend = copy.deepcopy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+    counts: list[int] = []
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start : start + chunk])
+        if backend is not None:
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+            counts.extend(len(encoding.ids) for encoding in encode(part, add_special_tokens=True))
+        else:
+            counts.extend(len(ids) for ids in tokenizer(part, add_special_tokens=True)["input_ids"])
+    return counts

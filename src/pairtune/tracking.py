@@ -165,6 +165,7 @@ class MlflowObserver(Observer):
         self.settings = settings
         self.mlflow = _mlflow()
         self.run_id = active_run_id()
+        self.pending: list[tuple[int, dict[str, float]]] = []  # metrics not yet accepted by the store
 
     def on_train_start(self, context: dict[str, Any]) -> None:
         self.mlflow.log_params({f"run.{k}": v for k, v in context.items()})
@@ -177,7 +178,6 @@ class MlflowObserver(Observer):
 
         self.log_metrics({f"eval_{metric_key(k)}": v for k, v in metrics.items()}, step)
 
-    pending: list[tuple[int, dict[str, float]]]
     retries: int = 3
 
     def log_metrics(self, metrics: dict[str, float], step: int, *, synchronous: bool = True) -> None:
@@ -186,7 +186,6 @@ class MlflowObserver(Observer):
         A tracking hiccup never stops training: metrics that never get through end up in
         ``<paths.reports>/unlogged_metrics.jsonl`` when training ends.
         """
-        self.pending = getattr(self, "pending", [])
         self.pending.append((step, metrics))
         for attempt in range(self.retries):
             try:
@@ -200,7 +199,7 @@ class MlflowObserver(Observer):
                 time.sleep(0.2 * 2**attempt)
 
     def write_unlogged(self) -> None:
-        if getattr(self, "pending", None):
+        if self.pending:
             path = Path(self.settings.paths.reports) / "unlogged_metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:

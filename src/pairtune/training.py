@@ -141,7 +141,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.O
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon, foreach=True
+        groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon, fused=True
     )
 
 
@@ -240,7 +240,7 @@ def run_epoch(
     observer: Observer,
 ) -> None:
     """Train one epoch (or up to ``max_steps``), from ``state.batches_done`` when resuming mid-epoch."""
-    train = settings.train
+    train_cfg = settings.train
     sampler.set_epoch(epoch)
     local_batches = list(sampler)
     skip = state.batches_done if state.epoch == epoch else 0  # > 0 when resuming mid-epoch
@@ -251,7 +251,7 @@ def run_epoch(
     for index, rows in enumerate(local_batches):
         if index < skip:
             continue
-        is_update = (index + 1) % train.gradient_accumulation_steps == 0 or index + 1 == len(local_batches)
+        is_update = (index + 1) % train_cfg.gradient_accumulation_steps == 0 or index + 1 == len(local_batches)
         window_pairs += len(rows)
         window.append(
             compute_loss_and_backward(
@@ -265,7 +265,7 @@ def run_epoch(
             for param in model.parameters():
                 if param.grad is not None:
                     param.grad.div_(group)
-        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, train.max_grad_norm)
+        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, train_cfg.max_grad_norm)
         step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(f"non-finite loss {step_loss} at step {state.step + 1}")
@@ -291,8 +291,8 @@ def run_epoch(
             )
         started = time.perf_counter()  # reporting is not step time
         if STOP.requested:
-            if train.save_checkpoints:
-                save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, train.keep_checkpoints,
+            if train_cfg.save_checkpoints:
+                save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, train_cfg.keep_checkpoints,
                                 run_id=observer.run_id)
             raise TrainingInterrupted(STOP.signum, state.step)
         if state.step >= schedule.total_steps:
