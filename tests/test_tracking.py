@@ -116,7 +116,7 @@ def test_multirun_makes_one_parent_and_a_child_per_job(tmp_path):
     command = [
         sys.executable, "pipelines/train.py", "-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1",
         "train.eval_on_start=false", "tracking.log_model=false", f"tracking.uri={uri}", "tracking.experiment=sweep",
-        f"paths.prepared={tmp_path}/prepared", f"paths.model={tmp_path}/model",
+        f"paths.prepared={tmp_path}/prepared", f"paths.model={tmp_path}/model", f"paths.reports={tmp_path}/reports",
         f"hydra.sweep.dir={tmp_path}/multirun",
     ]
     subprocess.run([sys.executable, "pipelines/prepare.py", f"paths.prepared={tmp_path}/prepared"], cwd=ROOT, check=True)
