@@ -139,3 +139,15 @@ def test_multirun_makes_one_parent_and_a_child_per_job(tmp_path):
     lines = listing.stdout.splitlines()
     assert lines[0].split()[:3] == ["run", "status", "train.lr"] and "eval_cosine_mrr_at_10" in lines[0]
     assert len(lines) == 4 and all("FINISHED" in line for line in lines[2:])
+
+
+def test_queued_dvc_experiments_track_into_the_repository(tmp_path):
+    from pairtune.tracking import project_root
+
+    repo = tmp_path / "repo"
+    (repo / "conf").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    copy = repo / ".dvc/tmp/exps/tmpabc123"
+    (copy / "conf").mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(copy) == repo and project_root(repo / "conf") == repo

@@ -42,8 +42,14 @@ def is_main_process() -> bool:
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The nearest folder upward holding ``conf/`` and ``pyproject.toml`` or ``dvc.yaml``, else the cwd."""
+    """The nearest folder upward holding ``conf/`` and ``pyproject.toml`` or ``dvc.yaml``, else the cwd.
+
+    Queued DVC experiments run in copies under ``<repo>/.dvc/tmp/exps/``; they belong to ``<repo>``, so
+    their runs land in the repository's own store rather than in a copy that DVC deletes.
+    """
     here = (start or Path.cwd()).resolve()
+    if ".dvc" in here.parts:
+        here = Path(*here.parts[: here.parts.index(".dvc")])
     for folder in (here, *here.parents):
         if (folder / "conf").is_dir() and ((folder / "pyproject.toml").is_file() or (folder / "dvc.yaml").is_file()):
             return folder
