@@ -155,7 +155,7 @@ def embed_fn(model: torch.nn.Module, accelerator: Accelerator):
 
 
 def compute_loss_and_backward(
-    model, accelerator: Accelerator, batches, loss: LossConfig, *, scale_by: float, sync: bool
+    model, accelerator: Accelerator, batches, loss: LossConfig, *, sync: bool
 ) -> torch.Tensor:
     """Forward and backward for one micro-batch; DDP gradient sync only when ``sync``."""
     embed = embed_fn(model, accelerator)
@@ -164,12 +164,12 @@ def compute_loss_and_backward(
         with nullcontext() if sync else accelerator.no_sync(model):
             embeddings = [embed(features) for features in batches]
             value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity, gather=gather)
-            accelerator.backward(value * scale_by)
+            accelerator.backward(value)
         return value.detach()
 
     def backward(surrogate: torch.Tensor, is_last: bool) -> None:
         with nullcontext() if (sync and is_last) else accelerator.no_sync(model):
-            accelerator.backward(surrogate * scale_by)
+            accelerator.backward(surrogate)
 
     return cached_mnrl_step(
         embed,
@@ -255,7 +255,7 @@ def run_epoch(
         window_pairs += len(rows)
         window.append(
             compute_loss_and_backward(
-                model, accelerator, tokens.batch(rows), settings.loss, scale_by=1.0, sync=is_update
+                model, accelerator, tokens.batch(rows), settings.loss, sync=is_update
             )
         )
         if not is_update:
@@ -265,10 +265,10 @@ def run_epoch(
             for param in model.parameters():
                 if param.grad is not None:
                     param.grad.div_(group)
-        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, train_cfg.max_grad_norm)
         step_loss = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
-        if not math.isfinite(step_loss):
+        if not math.isfinite(step_loss):  # before the update: the model in memory stays the last good one
             raise NonFiniteLossError(f"non-finite loss {step_loss} at step {state.step + 1}")
+        grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, train_cfg.max_grad_norm)
         window.clear()
         state.step += 1
         state.batches_done = index + 1
@@ -290,13 +290,21 @@ def run_epoch(
                 },
             )
         started = time.perf_counter()  # reporting is not step time
-        if STOP.requested:
+        if stop_requested(accelerator):
             if train_cfg.save_checkpoints:
                 save_checkpoint(accelerator, Path(settings.paths.checkpoints), state, train_cfg.keep_checkpoints,
                                 run_id=observer.run_id)
             raise TrainingInterrupted(STOP.signum, state.step)
         if state.step >= schedule.total_steps:
             break
+
+
+def stop_requested(accelerator: Accelerator) -> bool:
+    """True on every process when any of them got a signal, so all stop at the same step boundary."""
+    if accelerator.num_processes == 1:
+        return STOP.requested
+    flag = torch.tensor(int(STOP.requested), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def save_checkpoint(
