@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pairtune.app import exit_on_user_error, quiet_third_party
+from pairtune.app import exit_on_user_error, isolate_sweep_job, quiet_third_party
 from pairtune.config import load_settings, to_plain_dict
 from pairtune.data import load_prepared
 from pairtune.signals import TrainingInterrupted, graceful_stop
@@ -24,7 +24,7 @@ log = logging.getLogger("pairtune.train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
-    settings = load_settings(cfg)
+    settings = isolate_sweep_job(load_settings(cfg))
     load_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
     resume_run = checkpoint_run_id(settings.paths.checkpoints) if settings.train.resume else None
     try:

@@ -73,7 +73,7 @@ def test_run_logs_params_metrics_tags_and_inputs(tracked):
 @pytest.mark.slow
 def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
     uri, run, result, _ = tracked
-    table = mlflow.load_table("training_logs.json", run_ids=[run.info.run_id])
+    table = mlflow.MlflowClient().load_table(run.info.experiment_id, "training_logs.json", run_ids=[run.info.run_id])
     assert table["Step"].tolist() == [0, 2]
     assert table["Training Loss"].isna().tolist() == [True, False]
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -129,7 +129,8 @@ def test_multirun_makes_one_parent_and_a_child_per_job(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(c.data.params["train.lr"] for c in children) == ["1e-05", "3e-05"]
     assert parents[0].data.tags["pairtune.best_child_run_id"] in {c.info.run_id for c in children}
-    table = mlflow.load_table("sweep_children.json", run_ids=[parents[0].info.run_id])
+    table = mlflow.MlflowClient().load_table(parents[0].info.experiment_id, "sweep_children.json",
+                                             run_ids=[parents[0].info.run_id])
     assert len(table) == 2
     listing = subprocess.run(
         [sys.executable, "-m", "pairtune.cli", "runs", "--tracking-uri", uri, "--experiment", "sweep",

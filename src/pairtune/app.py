@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import TypeVar
 
 from pairtune.config import ConfigError
@@ -46,3 +47,26 @@ def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+def isolate_sweep_job(settings):
+    """In a Hydra multirun, give each job its own model, checkpoint and report folders.
+
+    Jobs of one sweep (possibly running in parallel) would otherwise write over each other's outputs.
+    Relative paths go under the job's Hydra folder (``multirun/<date>/<time>/<job>/models/trained``),
+    absolute ones get the job number as a subfolder (``/data/models/3``).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return settings
+    hydra = HydraConfig.get()
+    job_dir, job = Path(hydra.runtime.output_dir), str(hydra.job.num)
+
+    def own(path: str) -> str:
+        return str(Path(path) / job if Path(path).is_absolute() else job_dir / path)
+
+    paths = settings.paths
+    paths.model, paths.checkpoints, paths.reports = own(paths.model), own(paths.checkpoints), own(paths.reports)
+    return settings

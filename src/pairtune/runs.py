@@ -44,8 +44,11 @@ def collect_runs(
 
 
 def differing_params(rows: list[RunRow]) -> list[str]:
-    """Param keys whose values are not the same in every run (bookkeeping ``run.*`` keys excluded)."""
-    keys = sorted({key for row in rows for key in row.params if not key.startswith("run.")})
+    """Param keys whose values are not the same in every run.
+
+    Bookkeeping (``run.*``) and output locations (``paths.*``, per job in a sweep) are left out.
+    """
+    keys = sorted({key for row in rows for key in row.params if not key.startswith(("run.", "paths."))})
     return [key for key in keys if len({row.params.get(key) for row in rows}) > 1]
 
 
