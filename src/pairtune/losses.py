@@ -24,39 +24,37 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather rows of different counts; backward hands each rank the summed gradient of its own rows."""
 
     @staticmethod
-    def forward(ctx, local: Tensor) -> Tensor:  # local: (n_r, D)
-        world = dist.get_world_size()
-        count = torch.tensor([local.shape[0]], device=local.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        counts = [int(c.item()) for c in counts]
-        widest = max(counts)
-        padded = local.new_zeros((widest, *local.shape[1:]))
+    def forward(ctx, local: Tensor, counts: list[int]) -> Tensor:  # local: (n_r, D)
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
         padded[: local.shape[0]] = local
-        slots = [torch.empty_like(padded) for _ in range(world)]
+        slots = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(slots, padded.contiguous())
         rank = dist.get_rank()
         ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
         return torch.cat([slot[:n] for slot, n in zip(slots, counts, strict=True)])  # (sum n_r, D)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         # Every rank's loss touches every rank's rows: sum the contributions, keep our slice.
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.stop]
+        return grad[ctx.start : ctx.stop], None
+
+
+def row_counts(local: Tensor) -> list[int]:
+    """Rows held by each rank, in rank order (ranks may differ by one in a short last batch)."""
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
 
 
 def gather_with_grad(local: Tensor) -> tuple[Tensor, int]:
     """Return ``(rows of every rank concatenated in rank order, offset of this rank's rows)``."""
     if not _distributed():
         return local, 0
-    gathered = _GatherWithGrad.apply(local)
-    count = torch.tensor([local.shape[0]], device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    offset = int(sum(c.item() for c in counts[: dist.get_rank()]))
-    return gathered, offset
+    counts = row_counts(local)
+    return _GatherWithGrad.apply(local, counts), sum(counts[: dist.get_rank()])
 
 
 def similarity_matrix(anchors: Tensor, candidates: Tensor, kind: str) -> Tensor:
