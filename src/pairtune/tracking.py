@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pairtune.config import load_settings
 from pairtune.training import Observer
 
 if TYPE_CHECKING:
@@ -412,12 +413,6 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _settings_from_hydra(config) -> PairtuneConfig:
-    from pairtune.config import load_settings
-
-    return load_settings(config)
-
-
 try:
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover
@@ -436,7 +431,7 @@ class SweepCallback(_HydraCallback):
         self.parent_run_id: str | None = None
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        settings = _settings_from_hydra(config)
+        settings = load_settings(config)
         if not settings.tracking.enabled:
             return
         mlflow = _mlflow()
