@@ -74,6 +74,9 @@ def test_checkpoints_keep_the_newest_n_and_never_half_written(make_settings, pre
     settings = make_settings(f"paths.prepared={prepared_bundled}", "train.epochs=3", "train.max_steps=3",
                              "train.keep_checkpoints=2", "train.eval_on_start=false")
     settings.train.batch_size = 128  # 3 steps per epoch: checkpoints at steps 3 only when epochs end
+    stale = Path(settings.paths.checkpoints) / "step-000099"
+    stale.mkdir(parents=True)
+    (stale / "pairtune_state.json").write_text("{}")  # an earlier run's, with a higher step number
     train(settings)
     folder = Path(settings.paths.checkpoints)
     names = sorted(p.name for p in folder.iterdir())

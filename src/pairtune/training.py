@@ -347,6 +347,15 @@ def checkpoint_run_id(folder: str | Path) -> str | None:
     return json.loads((latest / CHECKPOINT_STATE).read_text()).get("mlflow_run_id") if latest else None
 
 
+def clear_checkpoints(folder: Path) -> None:
+    """A fresh run starts with no checkpoints of an earlier one, so a later resume cannot pick those up."""
+    stale = sorted(folder.glob("step-*")) + sorted(folder.glob(".step-*.tmp"))
+    if stale:
+        log.info("removing %d checkpoints of an earlier run from %s", len(stale), folder)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def restore_checkpoint(accelerator: Accelerator, folder: Path) -> LoopState:
     accelerator.load_state(str(folder))
     meta = json.loads((folder / CHECKPOINT_STATE).read_text())
@@ -455,6 +464,9 @@ def run_training(settings: PairtuneConfig, run: Run, observer: Observer) -> Trai
     resume_from = latest_checkpoint(checkpoints) if train_cfg.resume else None
     if train_cfg.resume and resume_from is None:
         log.warning("train.resume=true but no checkpoint in %s: starting from scratch", checkpoints)
+    if not resume_from and train_cfg.save_checkpoints and accelerator.is_main_process:
+        clear_checkpoints(checkpoints)
+    accelerator.wait_for_everyone()
     state = restore_checkpoint(accelerator, resume_from) if resume_from else LoopState()
     if train_cfg.eval_on_start and not resume_from:
         record_evaluation(accelerator, run.model, run.evaluator, state, observer, epoch=0.0, loss=None)
