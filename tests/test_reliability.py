@@ -170,7 +170,7 @@ def test_secrets_never_reach_the_store(make_settings, tmp_path, monkeypatch):
     assert uris == ["http://alice:***@mlflow.internal:5000"]
 
 
-def test_unreachable_tracking_server_is_reported_fast_before_training(tmp_path):
+def test_unreachable_tracking_server_is_reported_fast_before_training(tmp_path, prepared_bundled):
     import socket
 
     with socket.socket() as sock:
@@ -179,7 +179,7 @@ def test_unreachable_tracking_server_is_reported_fast_before_training(tmp_path):
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "pipelines/train.py", f"tracking.uri=http://127.0.0.1:{port}",
-         f"hydra.run.dir={tmp_path}/h", f"paths.model={tmp_path}/model"],
+         f"paths.prepared={prepared_bundled}", f"hydra.run.dir={tmp_path}/h", f"paths.model={tmp_path}/model"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )
     elapsed = time.monotonic() - started
