@@ -55,6 +55,7 @@ class ModelConfig:
     max_seq_length: int = 256
     trust_remote_code: bool = False
     dropout: float | None = None  # None keeps the checkpoint's dropout; 0.0 makes training deterministic per row
+    unpad: bool = True  # train BERT encoders on packed real tokens (same outputs, no work on padding)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")

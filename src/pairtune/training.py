@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from sentence_transformers import SentenceTransformer
 from transformers import get_scheduler
 
 from pairtune.batching import TokenizedColumns, tokenize_columns
@@ -31,6 +32,7 @@ from pairtune.losses import cached_mnrl_step, mnrl_loss
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler
 from pairtune.signals import STOP, TrainingInterrupted
+from pairtune.unpad import UnpaddedEncoder, supports_unpadding
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +192,28 @@ def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, max_gr
     return float(grad_norm)
 
 
+def encoder_for_training(model: SentenceTransformer, unpad: bool) -> torch.nn.Module:
+    """The module the loop trains: the model itself, or its unpadded forward when asked and supported."""
+    if not unpad:
+        return model
+    if not supports_unpadding(model):
+        log.info("model.unpad: %s is not a BERT encoder, training with padded batches",
+                 type(model[0].auto_model).__name__ if hasattr(model[0], "auto_model") else type(model[0]).__name__)
+        return model
+    return UnpaddedEncoder(model)
+
+
+def sentence_model(accelerator: Accelerator, model: torch.nn.Module) -> SentenceTransformer:
+    """The SentenceTransformer behind the prepared (and possibly unpadded) training module."""
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped.model if isinstance(unwrapped, UnpaddedEncoder) else unwrapped
+
+
 def evaluate_on_main(accelerator: Accelerator, model, evaluator) -> dict[str, float]:
     """The main process scores the eval split; the others wait and receive the same numbers."""
     payload = [None]
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = sentence_model(accelerator, model)
         was_training = unwrapped.training
         unwrapped.eval()
         payload = [run_evaluator(evaluator, unwrapped)]
@@ -417,7 +436,7 @@ def setup_run(settings: PairtuneConfig, accelerator: Accelerator) -> Run:
         train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=schedule.total_steps
     )
     model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(encoder_for_training(model, settings.model.unpad), optimizer)
     accelerator.register_for_checkpointing(scheduler)
     evaluator = build_evaluator(splits["eval"], columns, name="eval", batch_size=train_cfg.eval_batch_size)
     context = {
@@ -441,7 +460,7 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
             run = setup_run(settings, accelerator)
             result = run_training(settings, run, observer)
             if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(run.model)
+                unwrapped = sentence_model(accelerator, run.model)
                 write_atomic_dir(
                     result.model_dir,
                     lambda folder: save_with_card(unwrapped, folder, settings, result, run.splits["train"], run.columns),
