@@ -194,28 +194,53 @@ def test_transient_logging_errors_are_retried_and_never_lost(make_settings, tmp_
     from pairtune.config import to_plain_dict
 
     settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/t.db",
-                             "tracking.experiment=flaky", f"paths.reports={tmp_path}/reports")
-    real = mlflow.log_metrics
+                             "tracking.experiment=flaky", f"paths.reports={tmp_path}/reports",
+                             "tracking.flush_seconds=3600")  # only the explicit flushes below write
+    real = mlflow.MlflowClient.log_batch
     failures = {"left": 4}
 
-    def flaky(*args, **kwargs):
+    def flaky(self, *args, **kwargs):
         if failures["left"] > 0:
             failures["left"] -= 1
             raise ConnectionError("server hiccup")
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("down")
 
     monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
     with tracking.tracked_run(settings, config=to_plain_dict(settings)) as observer:
-        monkeypatch.setattr(mlflow, "log_metrics", flaky)
-        observer.on_step(1, {"train_loss": 1.5})  # 3 failed attempts: kept pending
-        observer.on_step(2, {"train_loss": 1.25})  # 1 more failure, then both go out
-        monkeypatch.setattr(mlflow, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
-        observer.on_step(3, {"train_loss": 1.0})  # never gets through
-        observer.write_unlogged()
-        monkeypatch.setattr(mlflow, "log_metrics", real)
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
+        observer.on_step(1, {"train_loss": 1.5})
+        observer.writer.flush()  # 3 failed attempts: kept pending
+        observer.on_step(2, {"train_loss": 1.25})
+        observer.writer.flush()  # 1 more failure, then both go out in one batch
+        assert failures["left"] == 0 and not observer.writer.pending
+        monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+        observer.on_step(3, {"train_loss": 1.0})  # never gets through: closing the run keeps it on disk
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
     run = mlflow.search_runs(experiment_names=["flaky"], output_format="list")[0]
     assert run.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.5), (2, 1.25)]
     saved = [json.loads(line) for line in (tmp_path / "reports/unlogged_metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], row["train_loss"]) for row in saved] == [(3, 1.0)]
+
+
+def test_metrics_reach_the_store_in_the_background_while_the_run_is_open(make_settings, tmp_path):
+    from pairtune import tracking
+    from pairtune.config import to_plain_dict
+
+    settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/t.db",
+                             "tracking.experiment=live", "tracking.flush_seconds=0.2")
+    with tracking.tracked_run(settings, config=to_plain_dict(settings)) as observer:
+        for step in range(1, 4):
+            observer.on_step(step, {"train_loss": 1.0 / step})
+        deadline = time.monotonic() + 30
+        history = []
+        while len(history) < 3 and time.monotonic() < deadline:  # no flush called: the writer thread does it
+            time.sleep(0.1)
+            history = mlflow.MlflowClient().get_metric_history(observer.run_id, "train_loss")
+        assert sorted(m.step for m in history) == [1, 2, 3]
+        assert observer.writer.thread.is_alive()
+    assert not observer.writer.thread.is_alive()  # closed with the run

@@ -138,6 +138,10 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     registered_model: str | None = "pairtune"  # None = do not register
+    flush_seconds: float = 5.0  # per-step metrics are written in batches this often (and at each evaluation)
+
+    def __post_init__(self) -> None:
+        _require(self.flush_seconds > 0, "tracking.flush_seconds", "must be > 0")
 
 
 @dataclass

@@ -165,6 +165,91 @@ def configure(settings: PairtuneConfig) -> str:
     return uri
 
 
+class MetricWriter:
+    """Per-step metrics leave the loop as a list append; a background thread writes them in batches.
+
+    Every ``interval`` seconds (and on :meth:`flush`) the buffered rows go to the store in one
+    ``log_batch`` call per 1,000 values, with retries. Rows the store refuses stay pending and go out
+    with the next batch; whatever never gets through is returned by :meth:`close` so that the caller can
+    keep it on disk. One SQLite write every few seconds instead of one per step keeps tracking off the
+    two cores the training uses.
+    """
+
+    retries: int = 3
+    batch_limit: int = 1000  # MLflow's limit on metrics per log_batch
+
+    def __init__(self, run_id: str, interval: float) -> None:
+        import threading
+
+        self.run_id = run_id
+        self.interval = interval
+        self.client = _mlflow().MlflowClient()
+        self.buffer: list[tuple[int, int, dict[str, float]]] = []  # (step, timestamp ms, metrics)
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # refused so far, oldest first
+        self.lock = threading.Lock()  # guards buffer
+        self.writing = threading.Lock()  # one flush at a time
+        self.wake = threading.Event()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="pairtune-metrics", daemon=True)
+        self.thread.start()
+
+    def put(self, step: int, metrics: dict[str, float], *, urgent: bool = False) -> None:
+        with self.lock:
+            self.buffer.append((step, int(time.time() * 1000), metrics))
+        if urgent:
+            self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            self.wake.wait(self.interval)
+            self.wake.clear()
+            if not self.stopped:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered and pending now; what the store refuses stays pending."""
+        from mlflow.entities import Metric
+
+        with self.writing:
+            with self.lock:
+                self.pending.extend(self.buffer)
+                self.buffer = []
+            while self.pending:
+                rows = self._take_batch()
+                metrics = [Metric(key, float(value), stamp, step) for step, stamp, row in rows
+                           for key, value in row.items()]
+                if not self._send(metrics):
+                    return
+                del self.pending[: len(rows)]
+
+    def _take_batch(self) -> list[tuple[int, int, dict[str, float]]]:
+        rows, size = [], 0
+        for row in self.pending:
+            if rows and size + len(row[2]) > self.batch_limit:
+                break
+            rows.append(row)
+            size += len(row[2])
+        return rows
+
+    def _send(self, metrics: list) -> bool:
+        for attempt in range(self.retries):
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                return True
+            except Exception as err:  # network, database locked, server 5xx: all transient here
+                log.warning("metric logging failed (attempt %d/%d): %s", attempt + 1, self.retries, err)
+                time.sleep(0.2 * 2**attempt)
+        return False
+
+    def close(self) -> list[tuple[int, dict[str, float]]]:
+        """Stop the thread, make a last attempt, and return the rows that never got through."""
+        self.stopped = True
+        self.wake.set()
+        self.thread.join()
+        self.flush()
+        return [(step, metrics) for step, _, metrics in self.pending]
+
+
 class MlflowObserver(Observer):
     """Reports the loop's steps, evaluations and final artifacts to the active run."""
 
@@ -172,52 +257,33 @@ class MlflowObserver(Observer):
         self.settings = settings
         self.mlflow = _mlflow()
         self.run_id = active_run_id()
-        self.pending: list[tuple[int, dict[str, float]]] = []  # metrics not yet accepted by the store
+        self.writer = MetricWriter(self.run_id, settings.tracking.flush_seconds)
 
     def on_train_start(self, context: dict[str, Any]) -> None:
         self.mlflow.log_params({f"run.{k}": v for k, v in context.items()})
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.log_metrics(metrics, step, synchronous=False)
+        self.writer.put(step, metrics)
 
     def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         from pairtune.evaluation import metric_key
 
-        self.log_metrics({f"eval_{metric_key(k)}": v for k, v in metrics.items()}, step)
+        # Epoch ends are when users look: write now, with the steps before them.
+        self.writer.put(step, {f"eval_{metric_key(k)}": v for k, v in metrics.items()}, urgent=True)
 
-    retries: int = 3
-
-    def log_metrics(self, metrics: dict[str, float], step: int, *, synchronous: bool = True) -> None:
-        """Log with retries; what still fails waits in ``pending`` and goes out with the next success.
-
-        A tracking hiccup never stops training: metrics that never get through end up in
-        ``<paths.reports>/unlogged_metrics.jsonl`` when training ends.
-        """
-        self.pending.append((step, metrics))
-        for attempt in range(self.retries):
-            try:
-                while self.pending:
-                    pending_step, pending_metrics = self.pending[0]
-                    self.mlflow.log_metrics(pending_metrics, step=pending_step, synchronous=synchronous)
-                    self.pending.pop(0)
-                return
-            except Exception as err:  # network, database locked, server 5xx: all transient here
-                log.warning("metric logging failed (attempt %d/%d): %s", attempt + 1, self.retries, err)
-                time.sleep(0.2 * 2**attempt)
-
-    def write_unlogged(self) -> None:
-        if self.pending:
+    def close(self) -> None:
+        """Write what is left; rows the store never took go to ``<paths.reports>/unlogged_metrics.jsonl``."""
+        unlogged = self.writer.close()
+        if unlogged:
             path = Path(self.settings.paths.reports) / "unlogged_metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:
-                for step, metrics in self.pending:
+                for step, metrics in unlogged:
                     handle.write(json.dumps({"run_id": self.run_id, "step": step, **metrics}) + "\n")
-            log.error("%d metric rows could not be logged; written to %s", len(self.pending), path)
+            log.error("%d metric rows could not be logged; written to %s", len(unlogged), path)
 
     def on_train_end(self, result: TrainResult) -> None:
-        self.log_metrics({}, result.global_step)  # one more try for anything pending
-        self.write_unlogged()
-        self.mlflow.flush_async_logging()
+        self.writer.flush()
         log_training_logs(result)
         log_plots(result)
         model_dir = result.model_dir
@@ -362,7 +428,11 @@ def tracked_run(
         if resume_run_id is None:
             log_run_config(settings, config)
             log_datasets(settings)
-        yield MlflowObserver(settings)
+        observer = MlflowObserver(settings)
+        try:
+            yield observer
+        finally:
+            observer.close()
         status = "FINISHED"
     except KeyboardInterrupt as err:
         status = "KILLED"
@@ -372,11 +442,8 @@ def tracked_run(
         mlflow.set_tag("pairtune.error", redact(f"{type(err).__name__}: {err}")[:5000])
         raise
     finally:
-        try:
-            mlflow.flush_async_logging()
-        finally:
-            mlflow.end_run(status=status)
-            log.info("MLflow run %s ended %s", run.info.run_id, status)
+        mlflow.end_run(status=status)
+        log.info("MLflow run %s ended %s", run.info.run_id, status)
 
 
 def active_run_id() -> str | None:
