@@ -177,6 +177,17 @@ def test_encode_keeps_input_order_across_batches(exported):
     np.testing.assert_allclose(together[::10], alone, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_sessions_sleep_between_runs_unless_asked_to_spin(exported):
+    out_dir, _ = exported
+    key = "session.intra_op.allow_spinning"
+    quiet = OnnxEncoder(out_dir, variant="int8", threads=1)
+    busy = OnnxEncoder(out_dir, variant="int8", threads=1, spin=True)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    assert busy.session.get_session_options().get_session_config_entry(key) == "1"
+    np.testing.assert_array_equal(quiet.encode(SENTENCES[:8]), busy.encode(SENTENCES[:8]))
+
+
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown ONNX variant 'fp16'"):
         variant_path(tmp_path, "fp16")

@@ -309,7 +309,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return dots / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)).clip(min=1e-12)
 
 
-def timed_throughputs(encoders: dict[str, Callable[[], object]], count: int, *, passes: int = 3) -> dict:
+def timed_throughputs(encoders: dict[str, Callable[[], object]], count: int, *, passes: int = 7) -> dict:
     """Sentences/s per encoder: one warm-up each, then the median of ``passes`` timed passes.
 
     Passes are interleaved across encoders so background load on a shared CPU hits them all alike.

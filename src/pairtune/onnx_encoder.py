@@ -42,9 +42,17 @@ def load_tokenizer(folder: str | Path, max_seq_length: int) -> Tokenizer:
     return tokenizer
 
 
-def make_session(path: Path, threads: int | None) -> ort.InferenceSession:
+def make_session(path: Path, threads: int | None, *, spin: bool = False) -> ort.InferenceSession:
+    """A CPU session. ``spin=False`` lets its worker threads sleep between runs instead of busy-waiting.
+
+    Spinning workers keep their cores busy for a while after each run; on a small CPU that slows whatever
+    runs next in the process, another session or PyTorch (measured on 2 cores: int8 throughput 527-681
+    sentences/s with spinning, 783-798 without, when torch and the fp32 session run in between). A process
+    that does nothing but run one session back to back may gain a little from ``spin=True``.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -53,13 +61,15 @@ def make_session(path: Path, threads: int | None) -> ort.InferenceSession:
 class OnnxEncoder:
     """Encode texts into L2-normalised sentence embeddings with an exported graph, without torch."""
 
-    def __init__(self, folder: str | Path, *, variant: str = "fp32", threads: int | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, *, variant: str = "fp32", threads: int | None = None, spin: bool = False
+    ) -> None:
         self.folder = Path(folder)
         self.variant = variant
         self.meta = read_onnx_meta(self.folder)
         self.max_seq_length = int(self.meta["max_seq_length"])
         self.tokenizer = load_tokenizer(self.folder, self.max_seq_length)
-        self.session = make_session(variant_path(self.folder, variant), threads)
+        self.session = make_session(variant_path(self.folder, variant), threads, spin=spin)
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.dimension = int(self.meta["embedding_dimension"])
 
