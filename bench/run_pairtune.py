@@ -32,8 +32,10 @@ from pairtune.training import TrainResult, train
 log = logging.getLogger("bench.pairtune")
 
 
-def build_overrides(prepared: Path, work: Path, *, epochs: int, max_steps: int, tracking: bool) -> list[str]:
-    """Outputs under ``work``, no checkpoints; tracking off, or on against a throwaway SQLite store."""
+def build_overrides(
+    prepared: Path, work: Path, *, epochs: int, max_steps: int, tracking: bool, store: str | None = None
+) -> list[str]:
+    """Outputs under ``work``, no checkpoints; tracking off, or on against ``store`` (else a throwaway one)."""
     overrides = [
         f"paths.prepared={prepared.resolve()}",
         f"paths.model={work}/model",
@@ -47,7 +49,7 @@ def build_overrides(prepared: Path, work: Path, *, epochs: int, max_steps: int, 
         f"tracking.enabled={str(tracking).lower()}",
     ]
     if tracking:
-        overrides.append(f"tracking.uri=sqlite:///{work}/mlflow.db")
+        overrides.append(f"tracking.uri={store or f'sqlite:///{work}/mlflow.db'}")
     return overrides
 
 
@@ -89,14 +91,18 @@ def summarise(result: TrainResult, wall: float, pairs: int) -> dict[str, Any]:
     }
 
 
-def run(prepared: Path, *, epochs: int, max_steps: int, tracking: bool, extra: list[str]) -> dict[str, Any]:
+def run(
+    prepared: Path, *, epochs: int, max_steps: int, tracking: bool, store: str | None, extra: list[str]
+) -> dict[str, Any]:
     test = pd.read_parquet(prepared / "test.parquet")
     n_train = len(pd.read_parquet(prepared / "train.parquet"))
     with tempfile.TemporaryDirectory(prefix="bench-pairtune-") as folder:
         work = Path(folder)
-        overrides = build_overrides(prepared, work, epochs=epochs, max_steps=max_steps, tracking=tracking)
+        overrides = build_overrides(
+            prepared, work, epochs=epochs, max_steps=max_steps, tracking=tracking, store=store
+        )
         result, wall, seam = timed_train(overrides + extra)
-        store_written = (work / "mlflow.db").is_file()
+        store_written = (work / "mlflow.db").is_file() or bool(store and Path(store.removeprefix("sqlite:///")).is_file())
         summary = summarise(
             result, wall, benchkit.pairs_processed(n_train, result.global_batch_size, result.global_step)
         )
@@ -130,6 +136,9 @@ def main() -> int:
         "--tracking", action="store_true", help="tracking.enabled=true with a temporary store"
     )
     parser.add_argument(
+        "--tracking-uri", default=None, help="with --tracking: log to this existing store instead"
+    )
+    parser.add_argument(
         "--set",
         dest="extra",
         action="append",
@@ -145,6 +154,7 @@ def main() -> int:
             epochs=args.epochs,
             max_steps=args.max_steps,
             tracking=args.tracking,
+            store=args.tracking_uri,
             extra=args.extra,
         )
     benchkit.emit(result, args.out)
