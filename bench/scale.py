@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating training runs per size (median)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,7 +96,12 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from synth import generate
 
-    work = Path(tempfile.mkdtemp(prefix="pairtune-scale-"))
+    with tempfile.TemporaryDirectory(prefix="pairtune-scale-") as folder:
+        report(args, Path(folder), generate)
+    return 0
+
+
+def report(args: argparse.Namespace, work: Path, generate) -> None:
     big, small = work / "big.parquet", work / "small.parquet"
     generate(args.rows).to_parquet(big, index=False)
     generate(10_100, seed=1).to_parquet(small, index=False)
@@ -103,12 +110,18 @@ def main() -> int:
     print(f"prepare {args.rows:,} pairs: {seconds:.1f} s wall, peak RSS {peak:,.0f} MB  (targets <= 60 s, <= 2048 MB)")
     prepare(small, work / "prepared-small", "10000", "50")
 
-    rates = {}
-    for label, folder in (("10k", work / "prepared-small"), ("1M", work / "prepared-big")):
-        rates[label], _ = train_rate(folder, work / label, f"train.max_steps={args.steps}", "data.eval_size=50")
-        print(f"train on {label:>3} pairs: {rates[label]['steps_per_second']:.3f} steps/s "
-              f"({rates[label]['pairs_per_second']:.1f} pairs/s, {args.steps} steps)")
-    ratio = rates["1M"]["steps_per_second"] / rates["10k"]["steps_per_second"]
+    # Alternating runs, median of each: a 20-step run on a shared 2-core box varies by 5-10 % on its own.
+    runs: dict[str, list[dict]] = {"10k": [], "1M": []}
+    for _ in range(args.repeats):
+        for label, folder in (("10k", work / "prepared-small"), ("1M", work / "prepared-big")):
+            rate, _ = train_rate(folder, work / label, f"train.max_steps={args.steps}", "data.eval_size=50")
+            runs[label].append(rate)
+    rates = {label: statistics.median(r["steps_per_second"] for r in rs) for label, rs in runs.items()}
+    for label, rs in runs.items():
+        each = ", ".join(f"{r['steps_per_second']:.3f}" for r in rs)
+        print(f"train on {label:>3} pairs: {rates[label]:.3f} steps/s median of {len(rs)} runs ({each}; "
+              f"{args.steps} steps each)")
+    ratio = rates["1M"] / rates["10k"]
     print(f"steps/s 1M / 10k = {ratio:.3f}  (target within 10 %: 0.90-1.10)")
 
     _, plain_peak = train_rate(work / "prepared-small", work / "plain", "train.max_steps=2", "train.batch_size=32")
@@ -116,7 +129,6 @@ def main() -> int:
                                 "train.batch_size=1024", "loss.mini_batch_size=32")
     print(f"peak RSS: plain MNRL batch 32 {plain_peak:,.0f} MB, cached MNRL batch 1024 / mini 32 "
           f"{cached_peak:,.0f} MB = {cached_peak / plain_peak:.2f}x  (target <= 1.5x)")
-    return 0
 
 
 if __name__ == "__main__":
