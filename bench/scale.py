@@ -85,7 +85,7 @@ def train_rate(prepared: Path, work: Path, *overrides: str) -> tuple[dict, float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="alternating training runs per size (median)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
@@ -110,7 +110,7 @@ def report(args: argparse.Namespace, work: Path, generate) -> None:
     print(f"prepare {args.rows:,} pairs: {seconds:.1f} s wall, peak RSS {peak:,.0f} MB  (targets <= 60 s, <= 2048 MB)")
     prepare(small, work / "prepared-small", "10000", "50")
 
-    # Alternating runs, median of each: a 20-step run on a shared 2-core box varies by 5-10 % on its own.
+    # Alternating runs, median of each: a short run on a shared 2-core box varies by 5-10 % on its own.
     runs: dict[str, list[dict]] = {"10k": [], "1M": []}
     for _ in range(args.repeats):
         for label, folder in (("10k", work / "prepared-small"), ("1M", work / "prepared-big")):
