@@ -52,7 +52,8 @@ data/prepared/train.parquet: $(STAMP) data/raw/pairs.jsonl
 
 train-ddp-cpu: data/prepared/train.parquet ## 2 CPU processes (torchrun + gloo), candidates gathered across both
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 pipelines/train.py train.batch_size=16 \
-	    loss.gather_across_devices=true paths.model=models/trained-ddp tracking.run_name=ddp-cpu-2 $(ARGS)
+	    loss.gather_across_devices=true paths.model=models/trained-ddp paths.reports=reports/ddp \
+	    paths.checkpoints=checkpoints/ddp tracking.run_name=ddp-cpu-2 $(ARGS)
 
 sweep: data/prepared/train.parquet ## a small demonstration sweep: 2 learning rates in parallel, one MLflow parent
 	$(PY) pipelines/train.py -m hydra/launcher=parallel train.lr=2e-5,5e-5 train.epochs=2 train.num_threads=1 \
