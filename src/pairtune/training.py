@@ -197,8 +197,8 @@ def encoder_for_training(model: SentenceTransformer, unpad: bool) -> torch.nn.Mo
     if not unpad:
         return model
     if not supports_unpadding(model):
-        log.info("model.unpad: %s is not a BERT encoder, training with padded batches",
-                 type(model[0].auto_model).__name__ if hasattr(model[0], "auto_model") else type(model[0]).__name__)
+        encoder = getattr(model[0], "auto_model", model[0])
+        log.info("model.unpad: %s is not a BERT encoder, training with padded batches", type(encoder).__name__)
         return model
     return UnpaddedEncoder(model)
 

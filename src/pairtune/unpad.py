@@ -70,7 +70,7 @@ class UnpaddedEncoder(nn.Module):
         batch, length = mask.shape
         flat = mask.reshape(-1).nonzero().squeeze(1)  # positions of the real tokens in the (B*L) grid
         embeddings = bert.embeddings
-        positions = torch.arange(length, device=mask.device).expand(batch, length).reshape(-1)[flat]
+        positions = flat % length  # each real token's position within its row
         token_types = features.get("token_type_ids")
         token_types = (
             token_types.reshape(-1)[flat] if token_types is not None else torch.zeros_like(positions)
