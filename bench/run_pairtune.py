@@ -62,14 +62,17 @@ def tracking_seam(settings: PairtuneConfig, overrides: list[str]) -> tuple[str, 
     return "tracked_run", tracked_run(settings, config=to_plain_dict(settings), overrides=overrides)
 
 
-def timed_train(overrides: list[str]) -> tuple[TrainResult, float, str]:
-    """Train inside the tracking seam; the wall time covers opening and closing the run as well."""
+def timed_train(overrides: list[str]) -> tuple[TrainResult, float, str, str | None]:
+    """Train inside the tracking seam; the wall time covers opening and closing the run as well.
+
+    Also returns the tracked run's id (None when nothing was tracked).
+    """
     settings = benchkit.compose_settings(overrides)
     seam, context = tracking_seam(settings, overrides)
     started = time.perf_counter()
     with context as observer:
         result = train(settings, observer=observer)
-    return result, time.perf_counter() - started, seam
+    return result, time.perf_counter() - started, seam, getattr(observer, "run_id", None)
 
 
 def summarise(result: TrainResult, wall: float, pairs: int) -> dict[str, Any]:
@@ -101,8 +104,8 @@ def run(
         overrides = build_overrides(
             prepared, work, epochs=epochs, max_steps=max_steps, tracking=tracking, store=store
         )
-        result, wall, seam = timed_train(overrides + extra)
-        store_written = (work / "mlflow.db").is_file() or bool(store and Path(store.removeprefix("sqlite:///")).is_file())
+        result, wall, seam, run_id = timed_train(overrides + extra)
+        store_written = run_id is not None  # a shared store exists beforehand: only a run id proves logging
         summary = summarise(
             result, wall, benchkit.pairs_processed(n_train, result.global_batch_size, result.global_step)
         )
