@@ -4,7 +4,8 @@ Prints, for synthetic pairs in the notation (bench/synth.py):
   1. prepare on 1,000,000 pairs: wall seconds and peak RSS (targets: <= 60 s, <= 2 GB);
   2. training steps/s with 10k and with ~1M training pairs, same steps (target: within 10 %);
   3. peak RSS of cached MNRL at global batch 1024 / mini-batch 32 against plain MNRL at batch 32
-     (target: <= 1.5x).
+     (target: <= 1.5x);
+  4. seconds to build one epoch's global batches, random and no_duplicates (bench/scale.py sampler_build_seconds).
 Each measurement runs in its own process, so peak RSS is that process's alone.
 """
 
@@ -60,7 +61,7 @@ def prepare(source: Path, folder: Path, train_size: str, eval_size: str) -> tupl
 TRAIN_SNIPPET = """
 import json, sys
 from hydra import compose, initialize_config_dir
-from pairtune.app import quiet_third_party
+from pairtune.entrypoint import quiet_third_party
 from pairtune.config import load_settings
 from pairtune.training import train
 quiet_third_party()
@@ -129,6 +130,41 @@ def report(args: argparse.Namespace, work: Path, generate) -> None:
                                 "train.batch_size=1024", "loss.mini_batch_size=32")
     print(f"peak RSS: plain MNRL batch 32 {plain_peak:,.0f} MB, cached MNRL batch 1024 / mini 32 "
           f"{cached_peak:,.0f} MB = {cached_peak / plain_peak:.2f}x  (target <= 1.5x)")
+
+    took = sampler_build_seconds(args.rows)
+    print(
+        f"sampler build, {args.rows:,} rows, batch 32, world 1 / 2: random {took['random 1']:.2f} / "
+        f"{took['random 2']:.2f} s, no_duplicates {took['no_duplicates 1']:.2f} / {took['no_duplicates 2']:.2f} s, "
+        f"one sentence in 10 rows {took['shared 1']:.2f} / {took['shared 2']:.2f} s "
+        f"(+ {took['text ids']:.2f} s text ids)"
+    )
+
+
+def sampler_build_seconds(rows: int) -> dict[str, float]:
+    """Seconds to build one epoch's global batches (batch 32, world sizes 1 and 2) at ``rows`` synthetic rows.
+
+    random, no_duplicates on unique pairs, and no_duplicates where one sentence answers every tenth note (the
+    case that made the old sampler quadratic); 'text ids' is the one-off factorisation of the texts.
+    """
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    from synth import generate
+
+    from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+
+    frame = generate(rows)
+    started = time.perf_counter()
+    unique = text_ids_from_columns([frame["sentence_0"], frame["sentence_1"]])
+    took = {"text ids": time.perf_counter() - started}
+    frame.loc[::10, "sentence_1"] = "One sentence answers every tenth note."
+    shared = text_ids_from_columns([frame["sentence_0"], frame["sentence_1"]])
+    for label, ids in (("random", None), ("no_duplicates", unique), ("shared", shared)):
+        for world in (1, 2):
+            sampler = GlobalBatchSampler(rows, 32, seed=42, world_size=world, text_ids=ids)
+            started = time.perf_counter()
+            sampler.global_batches()
+            took[f"{label} {world}"] = time.perf_counter() - started
+    return took
 
 
 if __name__ == "__main__":
