@@ -23,11 +23,14 @@ from typing import Any  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from pairtune.app import quiet_third_party  # noqa: E402
 from pairtune.config import PairtuneConfig, load_settings  # noqa: E402
 from pairtune.data import Columns  # noqa: E402
-from pairtune.evaluation import build_evaluator, run_evaluator  # noqa: E402
-from pairtune.stages import evaluate_split  # noqa: E402
+from pairtune.entrypoint import quiet_third_party  # noqa: E402
+from pairtune.evaluation import (  # noqa: E402
+    build_evaluator,
+    evaluate_split,  # noqa: E402
+    run_evaluator,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -26,7 +26,7 @@ import flops
 import pandas as pd
 
 from pairtune.modeling import load_model
-from pairtune.stages import run_prepare
+from pairtune.preparation import run_prepare
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.compare")

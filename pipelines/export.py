@@ -7,9 +7,8 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from pairtune.app import exit_on_user_error, quiet_third_party
 from pairtune.config import load_settings
-from pairtune.stages import flat_export_metrics, run_export
+from pairtune.entrypoint import exit_on_user_error, quiet_third_party
 from pairtune.tracking import stage_run
 
 
@@ -18,6 +17,8 @@ from pairtune.tracking import stage_run
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = load_settings(cfg)
+    from pairtune.export import flat_export_metrics, run_export
+
     with stage_run(settings, stage="export") as reporter:
         report = run_export(settings)
         reporter.log_metrics(flat_export_metrics(report))

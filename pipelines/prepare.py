@@ -1,13 +1,13 @@
-"""DVC stage `prepare`: validate and split the pairs file into data/prepared/."""
+"""DVC stage `prepare`: validate and split the pairs file into data/prepared/ (no torch on this path)."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from pairtune.app import exit_on_user_error, quiet_third_party
 from pairtune.config import load_settings
-from pairtune.stages import run_prepare
+from pairtune.entrypoint import exit_on_user_error, quiet_third_party
+from pairtune.preparation import run_prepare
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pairtune.app import exit_on_user_error, isolate_sweep_job, quiet_third_party
+from pairtune.checkpoint import Checkpoint
 from pairtune.config import load_settings, to_plain_dict
-from pairtune.data import load_prepared
+from pairtune.data import check_prepared
+from pairtune.entrypoint import exit_on_user_error, isolate_sweep_job, launched_world_size, quiet_third_party
 from pairtune.signals import TrainingInterrupted, graceful_stop
-from pairtune.stages import write_training_plots
 from pairtune.tracking import hydra_overrides, is_main_process, sweep_parent_run_id, tracked_run
-from pairtune.training import checkpoint_run_id, train
 
 log = logging.getLogger("pairtune.train")
 
@@ -25,22 +23,23 @@ log = logging.getLogger("pairtune.train")
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
     settings = isolate_sweep_job(load_settings(cfg))
-    load_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
-    resume_run = checkpoint_run_id(settings.paths.checkpoints) if settings.train.resume else None
+    check_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
+    checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
+    resume_run = checkpoint.resumable_run_id() if settings.train.resume else None
+    from pairtune.reports import write_training_plots
+    from pairtune.training import train  # torch and friends: only once every quick check has passed
+
     try:
         with graceful_stop(), tracked_run(
-            settings,
-            config=to_plain_dict(settings),
-            overrides=hydra_overrides(),
-            parent_run_id=sweep_parent_run_id(),
-            resume_run_id=resume_run,
+            settings, config=to_plain_dict(settings), overrides=hydra_overrides(),
+            parent_run_id=sweep_parent_run_id(), resume_run_id=resume_run,
         ) as observer:
             result = train(settings, observer=observer)
     except TrainingInterrupted as stop:
         log.warning("%s; checkpoint in %s, continue with train.resume=true", stop, settings.paths.checkpoints)
         sys.exit(stop.exit_code)
     if is_main_process():
-        write_training_plots(result, Path(settings.paths.reports))
+        write_training_plots(result, settings.paths.reports)
     return result.objective
 
 

@@ -40,7 +40,7 @@ def main(tolerance: float = 0.05) -> int:
     from hydra import compose, initialize_config_dir
 
     from pairtune.config import load_settings
-    from pairtune.stages import run_prepare
+    from pairtune.preparation import run_prepare
 
     assert torch.cuda.is_available(), "no CUDA device"
     folder = Path(tempfile.mkdtemp(prefix="pairtune-gpu-"))

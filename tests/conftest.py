@@ -13,7 +13,6 @@ from hydra.core.global_hydra import GlobalHydra
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pairtune.config  # noqa: E402,F401  (registers the schema)
 from pairtune.config import PairtuneConfig, load_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def base_model(base_model_session):
 @pytest.fixture(scope="session")
 def prepared_bundled(tmp_path_factory) -> Path:
     """The bundled data prepared once per session with the default split."""
-    from pairtune.stages import run_prepare
+    from pairtune.preparation import run_prepare
 
     folder = tmp_path_factory.mktemp("bundled") / "prepared"
     settings = load_settings(compose_config([f"paths.prepared={folder}", f"data.source={BUNDLED}"]))

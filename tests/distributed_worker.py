@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 
@@ -18,7 +19,6 @@ from pairtune.modeling import load_model
 
 
 def main(out: str, gather: bool, hard_negatives: bool) -> None:
-    import pandas as pd
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -44,5 +44,49 @@ def main(out: str, gather: bool, hard_negatives: bool) -> None:
     accelerator.end_training()
 
 
+
+
+def count_allreduces(out: str) -> None:
+    """All-reduce calls of one optimizer step's backward, counted by a DDP communication hook, per loss kind."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from pairtune.config import LossConfig
+    from pairtune.training import compute_loss_and_backward, encoder_for_training
+
+    accelerator = Accelerator(cpu=True)
+    frame = pd.read_json("data/raw/pairs.jsonl", lines=True).head(32)
+    model = load_model("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=256, dropout=0.0)
+    tokens = tokenize_columns(model.tokenizer, [frame["sentence_0"].tolist(), frame["sentence_1"].tolist()],
+                              max_length=256)
+    rank = accelerator.process_index
+    batch = tokens.batch(list(range(rank * 16, (rank + 1) * 16)))
+    model = accelerator.prepare(encoder_for_training(model, unpad=True))
+    calls = {"n": 0}
+
+    def counting_hook(state, bucket):
+        calls["n"] += 1
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(state=None, hook=counting_hook)
+    # DDP rebuilds its gradient buckets after the first synchronised backward: count from then on
+    compute_loss_and_backward(model, accelerator, batch, LossConfig(), sync=True)
+    model.zero_grad(set_to_none=True)
+    counts = {}
+    for name, mini in (("plain", None), ("cached_mini4", 4)):
+        for sync in (True, False):
+            calls["n"] = 0
+            loss = LossConfig(mini_batch_size=mini, gather_across_devices=True)
+            compute_loss_and_backward(model, accelerator, batch, loss, sync=sync)
+            counts[f"{name}_{'sync' if sync else 'no_sync'}"] = calls["n"]
+            model.zero_grad(set_to_none=True)
+    if accelerator.is_main_process:
+        torch.save(counts, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "gather", len(sys.argv) > 3 and sys.argv[3] == "negatives")
+    if sys.argv[2] == "allreduce":
+        count_allreduces(sys.argv[1])
+    else:
+        main(sys.argv[1], sys.argv[2] == "gather", len(sys.argv) > 3 and sys.argv[3] == "negatives")

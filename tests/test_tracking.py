@@ -1,13 +1,17 @@
+"""The MLflow seam: what a tracked run logs, how it ends, sweeps, and that importing it stays light."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from pairtune.config import to_plain_dict
+from pairtune.core import OBJECTIVE, NullObserver
 from pairtune.tracking import PARAM_VALUE_LIMIT, flatten, redact, split_params, tracked_run
 from pairtune.training import train
 
@@ -15,9 +19,16 @@ from .conftest import ROOT
 
 
 def test_flatten_makes_dotted_keys_and_hides_secrets():
-    tree = {"train": {"lr": 5e-5, "nested": {"x": 1}}, "api_token": "abc", "uri": "postgresql://u:hunter2@db/x"}
+    tree = {
+        "train": {"lr": 5e-5, "nested": {"x": 1}},
+        "api_token": "abc",
+        "uri": "postgresql://u:hunter2@db/x",
+    }
     assert flatten(tree) == {
-        "train.lr": 5e-5, "train.nested.x": 1, "api_token": "***", "uri": "postgresql://u:***@db/x",
+        "train.lr": 5e-5,
+        "train.nested.x": 1,
+        "api_token": "***",
+        "uri": "postgresql://u:***@db/x",
     }
     assert redact("http://alice:s3cret@host:5000") == "http://alice:***@host:5000"
 
@@ -37,11 +48,21 @@ def tracked(tmp_path_factory, prepared_bundled):
 
     folder = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{folder}/mlflow.db"
-    settings = load_settings(compose_config([
-        f"paths.prepared={prepared_bundled}", f"paths.model={folder}/model", f"paths.checkpoints={folder}/ckpt",
-        f"data.source={BUNDLED}", "train.max_steps=2", "train.epochs=1", f"tracking.uri={uri}",
-        "tracking.experiment=tests", "train.save_checkpoints=false",
-    ]))
+    settings = load_settings(
+        compose_config(
+            [
+                f"paths.prepared={prepared_bundled}",
+                f"paths.model={folder}/model",
+                f"paths.checkpoints={folder}/ckpt",
+                f"data.source={BUNDLED}",
+                "train.max_steps=2",
+                "train.epochs=1",
+                f"tracking.uri={uri}",
+                "tracking.experiment=tests",
+                "train.save_checkpoints=false",
+            ]
+        )
+    )
     with tracked_run(settings, config=to_plain_dict(settings), overrides=["train.max_steps=2"]) as observer:
         result = train(settings, observer=observer)
     mlflow.set_tracking_uri(uri)
@@ -73,7 +94,9 @@ def test_run_logs_params_metrics_tags_and_inputs(tracked):
 @pytest.mark.slow
 def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
     uri, run, result, _ = tracked
-    table = mlflow.MlflowClient().load_table(run.info.experiment_id, "training_logs.json", run_ids=[run.info.run_id])
+    table = mlflow.MlflowClient().load_table(
+        run.info.experiment_id, "training_logs.json", run_ids=[run.info.run_id]
+    )
     assert table["Step"].tolist() == [0, 2]
     assert table["Training Loss"].isna().tolist() == [True, False]
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -83,19 +106,25 @@ def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
     model = mlflow.pyfunc.load_model("models:/pairtune@newest")
     embedding = model.predict(["Ada see sh"])
     assert embedding.shape == (1, 384)
-    assert json.loads((result.model_dir / "pairtune_run.json").read_text())["mlflow_run_id"] == run.info.run_id
+    assert (
+        json.loads((result.model_dir / "pairtune_run.json").read_text())["mlflow_run_id"] == run.info.run_id
+    )
 
 
 def _status_after(settings, error: BaseException) -> mlflow.entities.Run:
     with pytest.raises(type(error)), tracked_run(settings, config=to_plain_dict(settings)):
         raise error
-    return mlflow.search_runs(experiment_names=[settings.tracking.experiment], output_format="list",
-                              order_by=["attributes.start_time DESC"])[0]
+    return mlflow.search_runs(
+        experiment_names=[settings.tracking.experiment],
+        output_format="list",
+        order_by=["attributes.start_time DESC"],
+    )[0]
 
 
 def test_failed_and_killed_runs_are_marked(make_settings, tmp_path):
-    settings = make_settings("tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/s.db",
-                             "tracking.experiment=statuses")
+    settings = make_settings(
+        "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/s.db", "tracking.experiment=statuses"
+    )
     failed = _status_after(settings, RuntimeError("boom"))
     assert failed.info.status == "FAILED" and failed.data.tags["pairtune.error"] == "RuntimeError: boom"
     killed = _status_after(settings, KeyboardInterrupt())
@@ -107,38 +136,60 @@ def test_tracking_off_touches_no_store(make_settings, tmp_path, monkeypatch):
     settings = make_settings("tracking.enabled=false", f"tracking.uri=sqlite:///{tmp_path}/off.db")
     with tracked_run(settings, config={}) as observer:
         observer.on_step(1, {"train_loss": 1.0})
+    assert isinstance(observer, NullObserver)
     assert not (tmp_path / "off.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def run_sweep(folder: Path, uri: str) -> None:
+    """``pipelines/train.py -m`` over two learning rates, one step each, on freshly prepared data."""
+    prepared = f"paths.prepared={folder}/prepared"
+    subprocess.run([sys.executable, "pipelines/prepare.py", prepared], cwd=ROOT, check=True)
+    sweep = ["-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1", "train.eval_on_start=false"]
+    outputs = [
+        f"paths.model={folder}/model",
+        f"paths.reports={folder}/reports",
+        f"hydra.sweep.dir={folder}/multirun",
+    ]
+    tracking = ["tracking.log_model=false", f"tracking.uri={uri}", "tracking.experiment=sweep"]
+    command = [sys.executable, "pipelines/train.py", *sweep, prepared, *outputs, *tracking]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_multirun_makes_one_parent_and_a_child_per_job(tmp_path):
     uri = f"sqlite:///{tmp_path}/sweep.db"
-    command = [
-        sys.executable, "pipelines/train.py", "-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1",
-        "train.eval_on_start=false", "tracking.log_model=false", f"tracking.uri={uri}", "tracking.experiment=sweep",
-        f"paths.prepared={tmp_path}/prepared", f"paths.model={tmp_path}/model", f"paths.reports={tmp_path}/reports",
-        f"hydra.sweep.dir={tmp_path}/multirun",
-    ]
-    subprocess.run([sys.executable, "pipelines/prepare.py", f"paths.prepared={tmp_path}/prepared"], cwd=ROOT, check=True)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_sweep(tmp_path, uri)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["sweep"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("pairtune.stage") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    parent_id = parents[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert sorted(c.data.params["train.lr"] for c in children) == ["1e-05", "3e-05"]
     assert parents[0].data.tags["pairtune.best_child_run_id"] in {c.info.run_id for c in children}
-    table = mlflow.MlflowClient().load_table(parents[0].info.experiment_id, "sweep_children.json",
-                                             run_ids=[parents[0].info.run_id])
-    assert len(table) == 2
-    listing = subprocess.run(
-        [sys.executable, "-m", "pairtune.cli", "runs", "--tracking-uri", uri, "--experiment", "sweep",
-         "--parent", parents[0].info.run_id], cwd=ROOT, capture_output=True, text=True,
+    assert (
+        f"best_{OBJECTIVE}" in parents[0].data.metrics
+    )  # the callback's default objective, from pairtune.core
+    table = mlflow.MlflowClient().load_table(
+        parents[0].info.experiment_id, "sweep_children.json", run_ids=[parent_id]
     )
+    assert len(table) == 2
+    command = [
+        "-m",
+        "pairtune.cli",
+        "runs",
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "sweep",
+        "--parent",
+        parent_id,
+    ]
+    listing = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
-    assert lines[0].split()[:3] == ["run", "status", "train.lr"] and "eval_cosine_mrr_at_10" in lines[0]
+    assert lines[0].split()[:3] == ["run", "status", "train.lr"] and OBJECTIVE in lines[0]
     assert len(lines) == 4 and all("FINISHED" in line for line in lines[2:])
 
 
@@ -152,3 +203,60 @@ def test_queued_dvc_experiments_track_into_the_repository(tmp_path):
     (copy / "conf").mkdir(parents=True)
     (copy / "dvc.yaml").write_text("stages: {}\n")
     assert project_root(copy) == repo and project_root(repo / "conf") == repo
+
+
+HEAVY = {"torch", "transformers", "sentence_transformers", "accelerate", "mlflow"}
+
+
+def imported_packages(*args: str, returncode: int = 0) -> set[str]:
+    """Top-level packages a fresh ``python -X importtime <args>`` imports, read from its stderr report."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == returncode, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    modules = [line.rsplit("|", 1)[1].strip() for line in lines[1:]]  # lines[0] is the column header
+    assert "pairtune" in modules and len(modules) > 50, done.stderr[-3000:]
+    return {module.split(".")[0] for module in modules}
+
+
+def test_importing_the_tracking_seam_loads_no_heavy_stack():
+    loaded = imported_packages("-c", "import pairtune.tracking, pairtune.tracking.sweep, pairtune.cli")
+    assert loaded & HEAVY == set()
+
+
+def test_cli_help_imports_neither_torch_nor_mlflow():
+    assert imported_packages("-m", "pairtune.cli", "--help") & {"torch", "mlflow"} == set()
+
+
+def test_runs_command_imports_mlflow_but_not_the_training_stack(tmp_path):
+    loaded = imported_packages(
+        "-m", "pairtune.cli", "runs", "--tracking-uri", f"sqlite:///{tmp_path}/empty.db", returncode=1
+    )
+    assert "mlflow" in loaded and loaded & HEAVY == {"mlflow"}
+
+
+def test_sweep_callback_in_the_config_optimises_the_objective():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from pairtune.tracking.sweep import SweepCallback
+
+    callback = instantiate(OmegaConf.load(ROOT / "conf" / "config.yaml").hydra.callbacks.mlflow_sweep)
+    assert isinstance(callback, SweepCallback) and callback.objective == OBJECTIVE == "eval_cosine_mrr_at_10"
+
+
+def test_stage_reporter_logs_one_bar_chart_per_metric_and_closes_them(make_settings, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pairtune.tracking.run import MlflowStageReporter
+
+    settings = make_settings(
+        "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/plots.db", "tracking.experiment=plots"
+    )
+    report = {"base": {"mrr": 0.5, "ndcg": 0.6}, "trained": {"mrr": 0.7, "ndcg": 0.8}}
+    with tracked_run(settings, config={}) as observer:
+        MlflowStageReporter().log_comparison_plots(report, "plots/test")
+    assert plt.get_fignums() == []
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(observer.run_id, "plots/test")}
+    assert plots == {"plots/test/mrr.png", "plots/test/ndcg.png"}

@@ -18,7 +18,7 @@ def test_default_schedule_is_9_steps_per_epoch_and_90_in_all(make_settings, prep
     sampler = GlobalBatchSampler(rows, settings.train.batch_size, seed=settings.train.seed)
     schedule = Schedule.for_sampler(sampler, settings.train)
     assert rows == 263
-    assert (schedule.steps_per_epoch, schedule.total_steps) == (9, 90)
+    assert (schedule.epoch_steps, schedule.total_steps) == ([9] * 10, 90)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_default_schedule_is_9_steps_per_epoch_and_90_in_all(make_settings, prep
 )
 def test_schedule_follows_accumulation_and_max_steps(accumulation, max_steps, per_epoch, total):
     schedule = Schedule([9] * TrainConfig().epochs, accumulation, max_steps)
-    assert (schedule.steps_per_epoch, schedule.total_steps) == (per_epoch, total)
+    assert (schedule.epoch_steps[0], schedule.total_steps) == (per_epoch, total)
 
 
 @pytest.mark.slow

@@ -71,8 +71,16 @@ def test_checkpoint_keys_are_the_models_own(base_model):
     unpadded = UnpaddedEncoder(base_model)
     assert list(unpadded.state_dict()) == list(base_model.state_dict())
     assert {id(p) for p in unpadded.parameters()} == {id(p) for p in base_model.parameters()}
+    # Given a copy whose weights have drifted, loading the model's own state dict through the wrapper
     copy_of = copy.deepcopy(base_model)
-    UnpaddedEncoder(copy_of).load_state_dict(base_model.state_dict())
+    with torch.no_grad():
+        for param in copy_of.parameters():
+            param.add_(1.0)
+    outcome = UnpaddedEncoder(copy_of).load_state_dict(base_model.state_dict())
+    # Then every key matched and every weight is the original again
+    assert not outcome.missing_keys and not outcome.unexpected_keys
+    for (name, mine), theirs in zip(copy_of.state_dict().items(), base_model.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
 
 
 def test_encoders_it_does_not_know_keep_the_padded_forward(base_model):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,9 +48,6 @@ class TokenizedColumns:
     def __len__(self) -> int:
         return len(self.columns[0])
 
-    def real_tokens(self, rows: Sequence[int]) -> int:
-        return sum(column.length(row) for column in self.columns for row in rows)
-
     def batch(self, rows: Sequence[int]) -> list[Features]:
         """One padded feature dict per column; each column is padded only to its own longest row."""
         return [self._pad(column, rows) for column in self.columns]
@@ -79,24 +75,3 @@ def tokenize_columns(tokenizer, columns: Sequence[Sequence[str]], *, max_length:
     ]
     with_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
     return TokenizedColumns(encoded, tokenizer.pad_token_id or 0, with_token_types)
-
-
-def count_tokens(tokenizer, texts: Sequence[str], *, chunk: int = 100_000) -> list[int]:
-    """Tokens per text including special tokens, untruncated (as the seed card's dataset table counts).
-
-    Works in chunks through the Rust tokenizer so a million texts cost lengths, not token lists, in memory.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # a copy without the padding/truncation a saved tokenizer.json may carry
-        backend = copy.deepcopy(backend)
-        backend.no_padding()
-        backend.no_truncation()
-    counts: list[int] = []
-    for start in range(0, len(texts), chunk):
-        part = list(texts[start : start + chunk])
-        if backend is not None:
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
-            counts.extend(len(encoding.ids) for encoding in encode(part, add_special_tokens=True))
-        else:
-            counts.extend(len(ids) for ids in tokenizer(part, add_special_tokens=True)["input_ids"])
-    return counts

@@ -1,22 +1,35 @@
-"""The model card: the seed card's document, filled from the run that produced the model."""
+"""The model card: the seed card's document, filled from the run that produced the model.
+
+As sentence-transformers does for its own cards, the document is a Jinja2 template
+(``templates/model_card.md.j2``) and this module only gathers what it shows into one :class:`CardContext` of
+plain values. The same run gives the same card byte for byte: no timings, dates or machine paths go in.
+Torch and sentence-transformers are never imported here, so the tracker can import :func:`logs_table` cheaply.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict, dataclass
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import TYPE_CHECKING
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+import jinja2
 
-from pairtune.batching import count_tokens
+from pairtune.core import CARD_METRICS
 from pairtune.data import Columns, token_stats
-from pairtune.evaluation import CARD_METRICS
+from pairtune.files import write_text_atomic
+from pairtune.tokens import count_tokens
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from pairtune.config import PairtuneConfig
-    from pairtune.training import EpochRow, TrainResult
+    from pairtune.core import EpochRow, TrainResult
+
+TEMPLATE = "model_card.md.j2"
 
 # sentence-transformers' trainer defaults, so "Non-Default Hyperparameters" means the same as in the seed card.
 TRAINER_DEFAULTS = {
@@ -40,6 +53,51 @@ TRAINER_DEFAULTS = {
     "dataloader_drop_last": False,
     "batch_sampler": "batch_sampler",
 }
+
+# The run's similarity -> (the card's name for it, sentence-transformers' name in the loss parameters).
+SIMILARITIES = {"cosine": ("Cosine Similarity", "cos_sim"), "dot": ("Dot Product", "dot_score")}
+
+# (label on the card, distribution name); a package that is not installed is left out.
+FRAMEWORKS = (
+    ("pairtune", "pairtune"),
+    ("Sentence Transformers", "sentence-transformers"),
+    ("Transformers", "transformers"),
+    ("PyTorch", "torch"),
+    ("Accelerate", "accelerate"),
+    ("Datasets", "datasets"),
+    ("Tokenizers", "tokenizers"),
+)
+
+
+@dataclass
+class CardContext:
+    """Everything the card shows, as plain values; the template decides only how it looks."""
+
+    base_model: str  # hub id, or a local folder's name
+    dataset_name: str  # data.source, relative as configured or a file name
+    model_path: str  # what the usage snippet loads: paths.model, relative or the folder's name
+    dataset_size: int
+    max_seq_length: int
+    dimensions: int
+    similarity_name: str  # "Cosine Similarity" | "Dot Product"
+    architecture: str  # str(model)
+    widget: list[dict[str, Any]]  # [{"source_sentence": anchor, "sentences": [positive]}], 3 of them
+    usage_sentences: list[str]  # one anchor, its positive and another positive
+    metrics: dict[str, float]  # the final evaluation, in CARD_METRICS order
+    columns: list[str]
+    token_stats: dict[str, dict[str, float]]  # column -> {"min", "mean", "max"} tokens
+    samples: list[list[str]]  # the first 3 rows, one text per column
+    loss_name: str
+    loss_params: dict[str, Any]
+    non_default_hyperparameters: dict[str, str]
+    hyperparameters: dict[str, str]
+    training_logs: list[str]  # the markdown table of logs_table, shared with the tracker's training_logs.md
+    global_step: int
+    epoch_steps: list[int]
+    world_size: int
+    global_batch_size: int
+    python_version: str
+    framework_versions: dict[str, str]
 
 
 def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, object]:
@@ -72,34 +130,11 @@ def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, 
     }
 
 
-def _framework_versions() -> list[str]:
-    lines = [f"- Python: {platform.python_version()}"]
-    for label, package in [
-        ("pairtune", "pairtune"),
-        ("Sentence Transformers", "sentence-transformers"),
-        ("Transformers", "transformers"),
-        ("PyTorch", "torch"),
-        ("Accelerate", "accelerate"),
-        ("Datasets", "datasets"),
-        ("Tokenizers", "tokenizers"),
-    ]:
-        try:
-            lines.append(f"- {label}: {version(package)}")
-        except PackageNotFoundError:
-            continue
-    return lines
-
-
-def _cell(text: str) -> str:
-    return "<code>" + text.replace("|", "\\|") + "</code>"
-
-
-def _yaml_quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def logs_table(rows: list[EpochRow]) -> list[str]:
-    """``Epoch | Step | Training Loss | eval metrics`` with the step-0 base row first, '-' where empty."""
+    """``Epoch | Step | Training Loss | eval metrics`` with the step-0 base row first, '-' where empty.
+
+    One function for the card's Training Logs and the tracker's ``training_logs.md``, so the two agree.
+    """
     header = ["Epoch", "Step", "Training Loss", *(f"eval_{m}" for m in CARD_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":-----:" for _ in header) + "|"]
     for row in rows:
@@ -110,181 +145,139 @@ def logs_table(rows: list[EpochRow]) -> list[str]:
     return lines
 
 
-def _front_matter(settings: PairtuneConfig, n_train: int, samples: pd.DataFrame, columns: Columns) -> list[str]:
-    lines = [
-        "---",
-        "tags:",
-        "- sentence-transformers",
-        "- sentence-similarity",
-        "- feature-extraction",
-        "- dense",
-        "- generated_by_pairtune",
-        f"- dataset_size:{n_train}",
-        "- loss:MultipleNegativesRankingLoss",
-        f"base_model: {settings.model.name}",
-        "widget:",
-    ]
-    for note, sentence in zip(samples[columns.anchor], samples[columns.positive], strict=True):
-        lines += [f"- source_sentence: {_yaml_quote(note)}", "  sentences:", f"  - {_yaml_quote(sentence)}"]
-    lines += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers", "---", ""]
-    return lines
-
-
-def render_model_card(
+def card_context(
     *, model, settings: PairtuneConfig, result: TrainResult, train_frame: pd.DataFrame, columns: Columns
-) -> str:
-    base = settings.model.name
-    dim = model.get_embedding_dimension()
-    samples = train_frame.head(3)
-    stats = token_stats(train_frame, columns, lambda texts: count_tokens(model.tokenizer, texts))
-    loss_params = {
-        "scale": settings.loss.scale,
-        "similarity_fct": "cos_sim" if settings.loss.similarity == "cosine" else "dot_score",
-        "gather_across_devices": settings.loss.gather_across_devices,
-    }
-    if settings.loss.mini_batch_size is not None:
-        loss_params["mini_batch_size"] = settings.loss.mini_batch_size
-    loss_name = "CachedMultipleNegativesRankingLoss" if settings.loss.mini_batch_size else "MultipleNegativesRankingLoss"
+) -> CardContext:
+    """Gather what the card shows from the model, the config, the run and its training split.
+
+    ``model`` is the trained SentenceTransformer; only its tokenizer, repr and sizes are read.
+    """
+    if result.similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {result.similarity!r}; expected one of {sorted(SIMILARITIES)}")
     hparams = hyperparameters(settings, result)
-    non_default = {k: v for k, v in hparams.items() if k in TRAINER_DEFAULTS and TRAINER_DEFAULTS[k] != v}
-    final = result.final_metrics
-    example = [train_frame[columns.anchor].iloc[0], train_frame[columns.positive].iloc[0], train_frame[columns.positive].iloc[1]]
-
-    lines = _front_matter(settings, len(train_frame), samples, columns)
-    lines += [
-        f"# SentenceTransformer based on {base}",
-        "",
-        f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} with pairtune. "
-        f"It maps sentences & paragraphs to a {dim}-dimensional dense vector space and can be used for semantic "
-        "textual similarity, semantic search, paraphrase mining, text classification, clustering, and more.",
-        "",
-        "## Model Details",
-        "",
-        "### Model Description",
-        "- **Model Type:** Sentence Transformer",
-        f"- **Base model:** {base}",
-        f"- **Maximum Sequence Length:** {model.max_seq_length} tokens",
-        f"- **Output Dimensionality:** {dim} dimensions",
-        "- **Similarity Function:** Cosine Similarity",
-        f"- **Training Dataset:** {settings.data.source}",
-        "",
-        "### Full Model Architecture",
-        "",
-        "```",
-        str(model),
-        "```",
-        "",
-        "## Usage",
-        "",
-        "### Direct Usage (Sentence Transformers)",
-        "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        f'model = SentenceTransformer("{settings.paths.model}")',
-        f"sentences = {json.dumps(example, indent=4, ensure_ascii=False)}",
-        "embeddings = model.encode(sentences)",
-        "print(embeddings.shape)",
-        f"# [3, {dim}]",
-        "similarities = model.similarity(embeddings, embeddings)",
-        "```",
-        "",
-        "## Evaluation",
-        "",
-        "### Metrics",
-        "",
-        "#### Information Retrieval",
-        "",
-        "* Dataset: `eval` (each note a query, each sentence of the split a document)",
-        "",
-        "| Metric | Value |",
-        "|:-------|:------|",
-    ]
-    lines += [f"| {m} | {final[m]:.4f} |" for m in CARD_METRICS if m in final]
-    lines += [
-        "",
-        "## Training Details",
-        "",
-        "### Training Dataset",
-        "",
-        f"* Size: {len(train_frame)} training samples",
-        "* Columns: " + " and ".join(f"<code>{c}</code>" for c in columns.names),
-        f"* Approximate statistics based on the first {len(train_frame)} samples:",
-        "  |         | " + " | ".join(columns.names) + " |",
-        "  |:--------|" + "|".join(":---" for _ in columns.names) + "|",
-        "  | type    | " + " | ".join("string" for _ in columns.names) + " |",
-        "  | details | "
-        + " | ".join(
-            f"<ul><li>min: {stats[c]['min']} tokens</li><li>mean: {stats[c]['mean']:.2f} tokens</li>"
-            f"<li>max: {stats[c]['max']} tokens</li></ul>"
-            for c in columns.names
-        )
-        + " |",
-        "* Samples:",
-        "  | " + " | ".join(columns.names) + " |",
-        "  |" + "|".join(":---" for _ in columns.names) + "|",
-    ]
-    for _, sample in samples.iterrows():
-        lines.append("  | " + " | ".join(_cell(sample[c]) for c in columns.names) + " |")
-    lines += [
-        f"* Loss: [<code>{loss_name}</code>](https://sbert.net/docs/package_reference/sentence_transformer/losses.html)"
-        " with these parameters:",
-        "  ```json",
-        *("  " + line for line in json.dumps(loss_params, indent=4).splitlines()),
-        "  ```",
-        "",
-        "### Training Hyperparameters",
-        "#### Non-Default Hyperparameters",
-        "",
-        *(f"- `{k}`: {v}" for k, v in non_default.items()),
-        "",
-        "#### All Hyperparameters",
-        "<details><summary>Click to expand</summary>",
-        "",
-        *(f"- `{k}`: {v}" for k, v in hparams.items()),
-        "",
-        "</details>",
-        "",
-        "### Training Logs",
-        *logs_table(result.rows),
-        "",
-        f"Training: {result.global_step} steps, {result.steps_per_epoch} per epoch, world size {result.world_size}, "
-        f"global batch {result.global_batch_size}, {result.pairs_per_second:.1f} pairs/s.",
-        "",
-        "### Framework Versions",
-        *_framework_versions(),
-        "",
-        "## Citation",
-        "",
-        "### BibTeX",
-        "",
-        "#### Sentence Transformers",
-        "```bibtex",
-        "@inproceedings{reimers-2019-sentence-bert,",
-        '    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",',
-        '    author = "Reimers, Nils and Gurevych, Iryna",',
-        '    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",',
-        '    year = "2019",',
-        '    url = "https://arxiv.org/abs/1908.10084",',
-        "}",
-        "```",
-        "",
-        "#### MultipleNegativesRankingLoss",
-        "```bibtex",
-        "@misc{henderson2017efficient,",
-        "    title={Efficient Natural Language Response Suggestion for Smart Reply},",
-        "    author={Matthew Henderson and Rami Al-Rfou and Brian Strope and Yun-hsuan Sung and Laszlo Lukacs and "
-        "Ruiqi Guo and Sanjiv Kumar and Balint Miklos and Ray Kurzweil},",
-        "    year={2017},",
-        "    eprint={1705.00652},",
-        "    archivePrefix={arXiv},",
-        "    primaryClass={cs.CL}",
-        "}",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return CardContext(
+        base_model=_portable(settings.model.name),
+        dataset_name=_portable(settings.data.source),
+        model_path=_portable(settings.paths.model),
+        dataset_size=len(train_frame),
+        max_seq_length=model.max_seq_length,
+        dimensions=model.get_embedding_dimension(),
+        similarity_name=SIMILARITIES[result.similarity][0],
+        architecture=str(model),
+        **_dataset_fields(model, train_frame, columns),
+        metrics={m: result.final_metrics[m] for m in CARD_METRICS if m in result.final_metrics},
+        **_loss_fields(settings, result),
+        non_default_hyperparameters={
+            k: str(v) for k, v in hparams.items() if k in TRAINER_DEFAULTS and TRAINER_DEFAULTS[k] != v
+        },
+        hyperparameters={k: str(v) for k, v in hparams.items()},
+        training_logs=logs_table(result.rows),
+        global_step=result.global_step,
+        epoch_steps=list(result.epoch_steps),
+        world_size=result.world_size,
+        global_batch_size=result.global_batch_size,
+        python_version=platform.python_version(),
+        framework_versions=_framework_versions(),
+    )
 
 
-def write_model_card(path: Path, **kwargs) -> None:
-    Path(path).write_text(render_model_card(**kwargs), encoding="utf-8")
+def render_model_card(context: CardContext) -> str:
+    """The card's markdown: the package's template filled from ``context`` alone."""
+    return _environment().get_template(TEMPLATE).render(asdict(context))
+
+
+def write_model_card(path: str | Path, **kwargs) -> None:
+    """Render the card for a run (``card_context``'s keywords) and write it whole: a reader never sees half."""
+    write_text_atomic(path, render_model_card(card_context(**kwargs)))
+
+
+def _dataset_fields(model, train_frame: pd.DataFrame, columns: Columns) -> dict[str, Any]:
+    """The widget, usage example, token statistics and sample rows, all from the first rows of the split."""
+    head = train_frame.head(3)
+    anchors, positives = train_frame[columns.anchor].tolist(), train_frame[columns.positive].tolist()
+    return {
+        "widget": [
+            {"source_sentence": anchor, "sentences": [positive]}
+            for anchor, positive in zip(head[columns.anchor], head[columns.positive], strict=True)
+        ],
+        "usage_sentences": [anchors[0], *positives[:2]],
+        "columns": columns.names,
+        "token_stats": token_stats(train_frame, columns, lambda texts: count_tokens(model.tokenizer, texts)),
+        "samples": [[str(row[c]) for c in columns.names] for _, row in head.iterrows()],
+    }
+
+
+def _loss_fields(settings: PairtuneConfig, result: TrainResult) -> dict[str, Any]:
+    """The loss as sentence-transformers names it, with its parameters; cached MNRL when mini-batches are set."""
+    loss = settings.loss
+    params: dict[str, Any] = {
+        "scale": loss.scale,
+        "similarity_fct": SIMILARITIES[result.similarity][1],
+        "gather_across_devices": loss.gather_across_devices,
+    }
+    if loss.mini_batch_size is not None:
+        params["mini_batch_size"] = loss.mini_batch_size
+    name = "CachedMultipleNegativesRankingLoss" if loss.mini_batch_size else "MultipleNegativesRankingLoss"
+    return {"loss_name": name, "loss_params": params}
+
+
+def _framework_versions() -> dict[str, str]:
+    found = {}
+    for label, package in FRAMEWORKS:
+        try:
+            found[label] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _portable(location: str) -> str:
+    """A location as the card may print it: relative ones as configured, absolute ones by their last part.
+
+    An absolute path names one machine's disk; printing it would make the same run's card differ per machine.
+    """
+    path = PurePath(location)
+    return path.name if path.is_absolute() or location.startswith("~") else location
+
+
+def _yaml_quote(text: str) -> str:
+    """A YAML scalar for the front matter that reads back as ``text``.
+
+    Single-quoted as in the seed card; double-quoted with escapes when the text holds a line break or another
+    unprintable character, which single quotes would fold away or YAML would refuse.
+    """
+    if text.isprintable():
+        return "'" + text.replace("'", "''") + "'"
+    return '"' + "".join(_yaml_escape(char) for char in text) + '"'
+
+
+def _yaml_escape(char: str) -> str:
+    if char in '\\"':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    return f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}"
+
+
+def _markdown_cell(text: str) -> str:
+    """A table cell that a '|' inside the text cannot split."""
+    return "<code>" + text.replace("|", "\\|") + "</code>"
+
+
+def _to_json(value: Any, indent: int = 4) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False)
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    """The template environment: markdown, so no autoescape; undefined names fail instead of printing nothing."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pairtune", "templates"),
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    environment.filters.update(yaml_quote=_yaml_quote, md_cell=_markdown_cell, to_json=_to_json)
+    return environment

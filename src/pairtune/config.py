@@ -1,8 +1,9 @@
 """Structured configuration: one home for every key's type, default and allowed range.
 
-Hydra composes ``conf/`` on top of :class:`PairtuneConfig` (registered below as ``pairtune_schema``), so an
-unknown key or a wrong type fails at composition. :func:`load_settings` repeats the merge for configs that
-arrive without the schema (DVC's ``params.yaml``) and then checks ranges, naming the key that is wrong.
+Hydra composes ``conf/`` in struct mode, so an unknown key fails at composition. Every entry point then
+passes the composed config (or DVC's ``params.yaml``) through :func:`load_settings`, which merges it onto
+:class:`PairtuneConfig` and checks types and ranges, naming the key that is wrong. The schema is not in
+``conf/config.yaml``'s defaults so that DVC can compose ``conf/`` without importing pairtune.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -65,14 +65,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "mnrl"
     scale: float = 20.0  # seed card: inverse temperature
     similarity: str = "cosine"  # cosine | dot
     mini_batch_size: int | None = None  # set = cached MNRL (GradCache) with this mini-batch
     gather_across_devices: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.name == "mnrl", "loss.name", f"only 'mnrl' is implemented, got {self.name!r}")
         _require(self.scale > 0, "loss.scale", "must be > 0")
         _require(self.similarity in ("cosine", "dot"), "loss.similarity", "must be cosine or dot")
         _require(
@@ -101,8 +99,13 @@ class TrainConfig:
     drop_last: bool = False
     eval_on_start: bool = True  # the step-0 row of the card: the base model's scores
     save_checkpoints: bool = True  # one per epoch end
+    checkpoint_every_steps: int | None = None  # also every N optimizer steps, mid-epoch
+    eval_every_steps: int | None = None  # also evaluate every N optimizer steps, mid-epoch
+    eval_max_rows: int | None = 10_000  # the eval split is scored on at most this many seeded rows
     keep_checkpoints: int = 2
     resume: bool = False
+    shared_filesystem: bool = True  # False: every node keeps its own checkpoint copy
+    collective_timeout_minutes: float = 60.0  # how long ranks wait for rank 0's evaluation, or any collective
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:
@@ -119,6 +122,10 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no|fp16|bf16")
         _require(self.batch_sampler in ("random", "no_duplicates"), "train.batch_sampler", "random|no_duplicates")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+        for key in ("checkpoint_every_steps", "eval_every_steps", "eval_max_rows"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"train.{key}", f"must be > 0 or null, got {value}")
+        _require(self.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be > 0")
 
 
 @dataclass
@@ -173,14 +180,6 @@ class PairtuneConfig:
                 "loss.mini_batch_size",
                 f"must be <= train.batch_size ({self.train.batch_size})",
             )
-
-
-def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can list it first in its defaults."""
-    ConfigStore.instance().store(name="pairtune_schema", node=PairtuneConfig)
-
-
-register_configs()
 
 
 def load_settings(cfg: DictConfig | dict) -> PairtuneConfig:

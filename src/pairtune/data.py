@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+from pairtune.files import write_atomic_dir
+
+if TYPE_CHECKING:
+    from pairtune.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ class Columns:
     @property
     def names(self) -> list[str]:
         return [c for c in (self.anchor, self.positive, self.negative) if c]
+
+    @classmethod
+    def of(cls, data: DataConfig) -> Columns:
+        """The columns a ``data`` config names."""
+        return cls(data.anchor_column, data.positive_column, data.negative_column)
 
 
 def infer_format(path: Path, fmt: str | None) -> str:
@@ -206,31 +214,6 @@ def token_stats(frame: pd.DataFrame, columns: Columns, count_tokens: Callable[[S
     return stats
 
 
-def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary sibling folder, then swap it in for ``target`` in one rename.
-
-    On any error the temporary folder is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it owner-only; outputs get the usual mode
-    try:
-        fill(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def write_prepared(target: str | Path, splits: dict[str, pd.DataFrame], stats: dict) -> None:
     def fill(folder: Path) -> None:
         for name, frame in splits.items():
@@ -240,9 +223,15 @@ def write_prepared(target: str | Path, splits: dict[str, pd.DataFrame], stats: d
     write_atomic_dir(target, fill)
 
 
-def load_prepared(folder: str | Path) -> dict[str, pd.DataFrame]:
+def check_prepared(folder: str | Path) -> Path:
+    """The prepared folder, or a one-line error naming the first missing split."""
     folder = Path(folder)
     missing = [name for name in SPLITS if not (folder / f"{name}.parquet").is_file()]
     if missing:
         raise PairDataError(f"{folder}: missing {missing[0]}.parquet (run the prepare stage first)")
+    return folder
+
+
+def load_prepared(folder: str | Path) -> dict[str, pd.DataFrame]:
+    folder = check_prepared(folder)
     return {name: pd.read_parquet(folder / f"{name}.parquet") for name in SPLITS}

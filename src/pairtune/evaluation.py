@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-from pairtune.data import Columns
+from pairtune.config import PairtuneConfig
+from pairtune.core import CARD_METRICS, metric_key
+from pairtune.data import Columns, load_prepared
+from pairtune.files import write_json_atomic
 
-#: The card's and the tracker's headline metric.
-PRIMARY_METRIC = "cosine_mrr@10"
-CARD_METRICS = (
-    "cosine_accuracy@1",
-    "cosine_accuracy@3",
-    "cosine_accuracy@5",
-    "cosine_accuracy@10",
-    "cosine_mrr@10",
-    "cosine_ndcg@10",
-    "cosine_map@100",
-)
+
+def cap_rows(frame: pd.DataFrame, max_rows: int | None, *, seed: int) -> pd.DataFrame:
+    """At most ``max_rows`` rows, a seeded sample in the split's own order (all rows when it is smaller)."""
+    if max_rows is None or len(frame) <= max_rows:
+        return frame
+    return frame.sample(n=max_rows, random_state=seed).sort_index().reset_index(drop=True)
 
 
 def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32):
@@ -47,6 +47,23 @@ def run_evaluator(evaluator, model: SentenceTransformer) -> dict[str, float]:
     return {key.removeprefix(prefix): float(value) for key, value in raw.items()}
 
 
-def metric_key(name: str) -> str:
-    """A metric name MLflow and DVC accept: ``cosine_ndcg@10`` -> ``cosine_ndcg_at_10``."""
-    return name.replace("@", "_at_")
+def evaluate_split(model, frame: pd.DataFrame, columns: Columns, *, batch_size: int) -> dict[str, float]:
+    """The card's metrics on one split, under names MLflow and DVC accept, rounded for stable reports."""
+    metrics = run_evaluator(build_evaluator(frame, columns, name="test", batch_size=batch_size), model)
+    return {metric_key(m): round(metrics[m], 6) for m in CARD_METRICS}
+
+
+def run_evaluate(settings: PairtuneConfig) -> dict:
+    """Test-split metrics of the base model and the trained model, side by side, to reports/metrics.json."""
+    from pairtune.modeling import load_model
+
+    columns = Columns.of(settings.data)
+    test = load_prepared(settings.paths.prepared)["test"]
+    report = {}
+    for label, name in (("base", settings.model.name), ("trained", settings.paths.model)):
+        model = load_model(name, max_seq_length=settings.model.max_seq_length,
+                           trust_remote_code=settings.model.trust_remote_code)
+        report[label] = evaluate_split(model, test, columns, batch_size=settings.train.eval_batch_size)
+    report["test_rows"] = len(test)
+    write_json_atomic(Path(settings.paths.reports) / "metrics.json", report)
+    return report

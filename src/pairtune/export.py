@@ -31,7 +31,10 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from sentence_transformers import SentenceTransformer
 
-from pairtune.data import write_atomic_dir
+from pairtune.config import PairtuneConfig
+from pairtune.core import ExportParityError
+from pairtune.data import Columns, load_prepared
+from pairtune.files import write_atomic_dir, write_json_atomic
 from pairtune.onnx_encoder import META_FILE, ONNX_SUBDIR, OUTPUT_NAME, VARIANT_FILES, OnnxEncoder
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -357,3 +360,36 @@ def measure_parity(
         "throughput": throughput,
         "speedup_vs_torch": speedup,
     }
+
+
+def run_export(settings: PairtuneConfig) -> dict:
+    """ONNX fp32 + int8 export of the trained model, parity and speed on the test split, to reports/export.json.
+
+    Fails (after writing the report) when any test sentence falls under the configured cosine floors.
+    """
+    columns, cfg = Columns.of(settings.data), settings.export
+    splits = load_prepared(settings.paths.prepared)
+    calibration = splits["train"][columns.anchor].tolist() + splits["train"][columns.positive].tolist()
+    files = export_onnx(settings.paths.model, settings.paths.onnx, opset=cfg.opset, calibration_sentences=calibration)
+    test = splits["test"]
+    sentences = test[columns.anchor].tolist() + test[columns.positive].tolist()
+    parity = measure_parity(settings.paths.model, settings.paths.onnx, sentences, batch_size=cfg.batch_size)
+    floors = {"fp32": cfg.min_cosine_fp32, "int8": cfg.min_cosine_int8}
+    parity["passed"] = {v: parity["cosine"][v]["min"] >= floor for v, floor in floors.items()}
+    report = {"size_mb": files["size_mb"], **parity}
+    write_json_atomic(Path(settings.paths.reports) / "export.json", report)
+    failed = [v for v, ok in parity["passed"].items() if not ok]
+    if failed:
+        worst = parity["cosine"][failed[0]]["min"]
+        raise ExportParityError(
+            f"{settings.paths.onnx}: {failed[0]} cosine {worst:.5f} below export.min_cosine_{failed[0]}={floors[failed[0]]}"
+        )
+    return report
+
+
+def flat_export_metrics(report: dict) -> dict[str, float]:
+    """The export report as flat metric names for the tracker."""
+    metrics = {f"export_cosine_min_{v}": c["min"] for v, c in report["cosine"].items()}
+    metrics |= {f"export_speedup_{k}": v for k, v in report["speedup_vs_torch"].items()}
+    metrics |= {f"export_throughput_{k}": v for k, v in report["throughput"].items()}
+    return metrics

@@ -7,13 +7,14 @@ model-facing pieces (:func:`embed`, :func:`cached_mnrl_step`) only decide how em
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-Features = dict[str, Tensor]
+from pairtune.batching import Features
 
 
 def _distributed() -> bool:
@@ -123,30 +124,38 @@ def cached_mnrl_step(
     scale: float,
     similarity: str,
     gather: bool,
-    backward: Callable[[Tensor, bool], None],
+    backward: Callable[[Tensor], None],
+    sync: Callable[[bool], AbstractContextManager] = lambda is_last: nullcontext(),
 ) -> Tensor:
     """GradCache: the loss of a big batch with the activation memory of one mini-batch.
 
     1. embed every column in mini-batches without a graph; 2. take the loss and its gradient with respect
     to those embeddings; 3. re-embed each mini-batch with a graph (same dropout) and push the cached
-    gradient through it. ``backward(surrogate, is_last)`` lets the caller skip DDP syncs until the last.
+    gradient through it. ``sync(is_last)`` wraps each re-embedding forward *and* its backward, so under
+    DistributedDataParallel the caller can skip the gradient all-reduce for all but the last mini-batch
+    (DDP decides at forward time whether the next backward syncs).
     """
-    plan = []  # (column, start, stop, rng)
-    reps = []
-    with torch.no_grad():
-        for column, features in enumerate(batches):
-            rows = features["input_ids"].shape[0]
-            chunks = []
-            for start in range(0, rows, mini_batch_size):
-                rng = _RngReplay()
-                chunks.append(embed(slice_features(features, start, start + mini_batch_size)))
-                plan.append((column, start, start + mini_batch_size, rng))
-            reps.append(torch.cat(chunks).detach().requires_grad_())
+    plan, reps = embed_without_graph(embed, batches, mini_batch_size)
     loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather)
     loss.backward()
     for index, (column, start, stop, rng) in enumerate(plan):
-        with rng:
-            embedded = embed(slice_features(batches[column], start, stop))
-        surrogate = (embedded * reps[column].grad[start:stop]).sum()
-        backward(surrogate, index == len(plan) - 1)
+        with sync(index == len(plan) - 1), rng:
+            embedded = embed(slice_features(batches[column], start, stop))  # (mini, D)
+            backward((embedded * reps[column].grad[start:stop]).sum())
     return loss.detach()
+
+
+def embed_without_graph(
+    embed: Embedder, batches: Sequence[Features], mini_batch_size: int
+) -> tuple[list[tuple[int, int, int, _RngReplay]], list[Tensor]]:
+    """GradCache's first pass: every column's embeddings in mini-batches, and the RNG state of each."""
+    plan, reps = [], []
+    with torch.no_grad():
+        for column, features in enumerate(batches):
+            chunks = []
+            for start in range(0, features["input_ids"].shape[0], mini_batch_size):
+                rng = _RngReplay()
+                chunks.append(embed(slice_features(features, start, start + mini_batch_size)))
+                plan.append((column, start, start + mini_batch_size, rng))
+            reps.append(torch.cat(chunks).detach().requires_grad_())  # (B, D), a leaf for the loss's gradient
+    return plan, reps

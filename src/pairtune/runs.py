@@ -1,17 +1,24 @@
-"""Reading runs back from the store for comparison (the ``pairtune runs`` table and the notebook)."""
+"""Reading runs back from the store for comparison (the ``pairtune runs`` table and the notebook).
+
+Imports mlflow (through the tracking seam) but nothing of the training stack, so listing runs stays quick.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pairtune import tracking
+from pairtune.core import OBJECTIVE
+from pairtune.tracking import store
+from pairtune.tracking.sweep import child_runs
 
 #: Final metrics shown in the table, in this order, when a run has them.
-TABLE_METRICS = ("eval_cosine_mrr_at_10", "eval_cosine_ndcg_at_10", "eval_cosine_accuracy_at_1", "train_loss")
+TABLE_METRICS = (OBJECTIVE, "eval_cosine_ndcg_at_10", "eval_cosine_accuracy_at_1", "train_loss")
 
 
 @dataclass
 class RunRow:
+    """One run as the table shows it: its params and final metric values."""
+
     run_id: str
     name: str
     status: str
@@ -20,25 +27,33 @@ class RunRow:
 
 
 def collect_runs(
-    *, experiment: str | None = None, tracking_uri: str | None = None, parent_run_id: str | None = None, limit: int = 50
+    *,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    limit: int = 50,
 ) -> list[RunRow]:
     """Training runs of an experiment (sweep parents left out), or the children of one sweep."""
-    mlflow = tracking._mlflow()
-    mlflow.set_tracking_uri(tracking.tracking_uri(tracking_uri))
+    mlflow = store._mlflow()
+    mlflow.set_tracking_uri(store.tracking_uri(tracking_uri))
     if parent_run_id == "latest":
         parent_run_id = latest_sweep_id(experiment)
         if parent_run_id is None:
             return []
     if parent_run_id:
-        runs = tracking.child_runs(parent_run_id)
+        runs = child_runs(parent_run_id)
     else:
-        found = mlflow.get_experiment_by_name(tracking.experiment_name(experiment))
+        found = mlflow.get_experiment_by_name(store.experiment_name(experiment))
         if found is None:
             return []
-        runs = mlflow.search_runs(experiment_ids=[found.experiment_id], max_results=limit, output_format="list")
+        runs = mlflow.search_runs(
+            experiment_ids=[found.experiment_id], max_results=limit, output_format="list"
+        )
         runs = [run for run in runs if run.data.tags.get("pairtune.stage") != "sweep"]
     return [
-        RunRow(run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.metrics))
+        RunRow(
+            run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.metrics)
+        )
         for run in runs[:limit]
     ]
 
@@ -53,13 +68,18 @@ def differing_params(rows: list[RunRow]) -> list[str]:
 
 
 def format_table(rows: list[RunRow], *, sort_metric: str) -> str:
+    """A plain-text table: run, status, the params that differ, then the metrics (``sort_metric`` first)."""
     params = differing_params(rows)
     metrics = [sort_metric, *(m for m in TABLE_METRICS if m != sort_metric)]
     metrics = [m for m in metrics if any(m in row.metrics for row in rows)]
     header = ["run", "status", *params, *metrics]
     body = [
-        [row.name, row.status, *(row.params.get(p, "-") for p in params),
-         *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in metrics)]
+        [
+            row.name,
+            row.status,
+            *(row.params.get(p, "-") for p in params),
+            *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in metrics),
+        ]
         for row in rows
     ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body, strict=True)]
@@ -72,13 +92,14 @@ def format_table(rows: list[RunRow], *, sort_metric: str) -> str:
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` pairs of one metric of one run, in step order."""
-    history = tracking._mlflow().MlflowClient().get_metric_history(run_id, key)
+    history = store._mlflow().MlflowClient().get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in history)
 
 
 def latest_sweep_id(experiment: str | None) -> str | None:
-    mlflow = tracking._mlflow()
-    found = mlflow.get_experiment_by_name(tracking.experiment_name(experiment))
+    """The newest sweep parent run of the experiment, if it has one."""
+    mlflow = store._mlflow()
+    found = mlflow.get_experiment_by_name(store.experiment_name(experiment))
     if found is None:
         return None
     sweeps = mlflow.search_runs(

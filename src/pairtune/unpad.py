@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Features = dict[str, Tensor]
+from pairtune.batching import Features
 
 
 def _bert(model: nn.Module) -> nn.Module | None:

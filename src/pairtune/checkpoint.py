@@ -1,0 +1,193 @@
+"""Resumable checkpoints: one type owns saving, finding, restoring, clearing and rotating them.
+
+A checkpoint is a folder ``step-NNNNNN`` holding ``accelerator.save_state`` (model, optimizer, scheduler,
+RNG states of every process) plus ``pairtune_state.json``: the loop's counters, the tracking run id and the
+run's fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pairtune.core import EpochRow, ResumeMismatchError
+
+if TYPE_CHECKING:
+    from pairtune.config import PairtuneConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "pairtune_state.json"
+
+
+@dataclass
+class LoopState:
+    """The loop's counters; with the Accelerate state they make a checkpoint resumable exactly."""
+
+    step: int = 0  # optimizer steps done, over all epochs
+    epoch: int = 0  # the epoch in progress
+    batches_done: int = 0  # local batches of that epoch already trained (this process's count)
+    step_losses: list[float] = field(default_factory=list)  # one per optimizer step, step 1 first
+    rows: list[EpochRow] = field(default_factory=list)  # evaluations so far
+    pairs_seen: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "rows"}, "rows": [r.__dict__ for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LoopState:
+        payload = dict(payload)
+        rows = [EpochRow(**row) for row in payload.pop("rows")]
+        return cls(**payload, rows=rows)
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (a million pairs' parquet is tens of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: The train.* keys that shape what a run learns (the rest only say where, how often, or how fast).
+SHAPING_TRAIN_KEYS = (
+    "epochs", "batch_size", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "scheduler",
+    "warmup_steps", "max_grad_norm", "seed", "max_steps", "gradient_accumulation_steps", "mixed_precision",
+    "batch_sampler", "drop_last", "eval_max_rows",
+)
+
+
+def run_fingerprint(settings: PairtuneConfig, *, world_size: int) -> dict[str, Any]:
+    """Everything that shapes a run: the training data's digest, the model, the loss and the schedule."""
+    train_file = Path(settings.paths.prepared) / "train.parquet"
+    return {
+        "data.train_sha256": file_digest(train_file) if train_file.is_file() else None,
+        "data.columns": [settings.data.anchor_column, settings.data.positive_column, settings.data.negative_column],
+        "model.name": settings.model.name,
+        "model.dropout": settings.model.dropout,
+        "world_size": world_size,
+        **{f"train.{key}": getattr(settings.train, key) for key in SHAPING_TRAIN_KEYS},
+        **{f"loss.{key}": value for key, value in asdict(settings.loss).items()},
+    }
+
+
+def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two fingerprints, as ``key: saved -> wanted``."""
+    keys = sorted(set(saved) | set(wanted))
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
+
+
+class Checkpoint:
+    """The checkpoints of one run in ``folder``, newest ``keep`` kept.
+
+    Invariants a resume relies on (``tests/test_checkpoint.py`` asserts each):
+
+    1. A checkpoint is only written at an optimizer-update boundary: no gradient is half-accumulated in it.
+    2. ``LoopState.batches_done`` counts this process's local batches of ``LoopState.epoch``; every process
+       has the same count, because every process iterates the same number of local batches per epoch.
+    3. ``LoopState.step_losses`` has exactly ``LoopState.step`` entries: one per optimizer step taken.
+    4. A ``step-*`` folder is complete or absent: it is written as ``.step-*.tmp`` and renamed into place,
+       and rotation only ever removes complete folders older than the newest ``keep``.
+    5. A checkpoint resumes only a run of the same fingerprint (data, batch, world size, accumulation,
+       epochs, sampler, seed, loss, ...); anything else stops with :class:`ResumeMismatchError`.
+
+    ``on_each_node``: without a shared file system every node's local main process writes (and later
+    reads) its own copy, so each process can restore what it saved.
+    """
+
+    def __init__(self, folder: str | Path, *, keep: int, fingerprint: dict[str, Any], on_each_node: bool = False):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.fingerprint = fingerprint
+        self.on_each_node = on_each_node
+
+    @classmethod
+    def for_run(cls, settings: PairtuneConfig, *, world_size: int) -> Checkpoint:
+        train = settings.train
+        return cls(settings.paths.checkpoints, keep=train.keep_checkpoints,
+                   fingerprint=run_fingerprint(settings, world_size=world_size),
+                   on_each_node=not train.shared_filesystem)
+
+    def _writes(self, accelerator) -> bool:
+        """Whether this process renames, rotates and clears: the main process, or each node's first."""
+        return accelerator.is_local_main_process if self.on_each_node else accelerator.is_main_process
+
+    def meta(self, path: Path | None = None) -> dict[str, Any]:
+        path = path or self.latest()
+        return json.loads((path / STATE_FILE).read_text()) if path else {}
+
+    def resumable_run_id(self) -> str | None:
+        """Before any run is opened: the newest checkpoint's tracking run, once its fingerprint matches."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        self.check(latest)
+        return self.meta(latest).get("mlflow_run_id")
+
+    def check(self, path: Path) -> None:
+        """Refuse to resume a run shaped differently, naming every key that differs."""
+        saved = self.meta(path).get("fingerprint", {})
+        differing = fingerprint_diff(saved, self.fingerprint)
+        if differing:
+            raise ResumeMismatchError(
+                f"{path}: checkpoint is from a different run ({'; '.join(differing)}); "
+                "train.resume=false starts a new run"
+            )
+
+    def save(self, accelerator, state: LoopState, *, run_id: str | None) -> Path:
+        """Write ``step-<state.step>`` beside and rename it into place, then rotate (all processes call)."""
+        target = self.folder / f"step-{state.step:06d}"
+        staging = self.folder / f".step-{state.step:06d}.tmp"
+        if self._writes(accelerator):
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if self._writes(accelerator):
+            meta = {"state": state.to_json(), "mlflow_run_id": run_id, "fingerprint": self.fingerprint}
+            (staging / STATE_FILE).write_text(json.dumps(meta) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            self.rotate()
+        accelerator.wait_for_everyone()
+        return target
+
+    def complete(self) -> list[Path]:
+        """Checkpoint folders that were renamed into place with their state file, oldest first."""
+        return sorted(p for p in self.folder.glob("step-*") if (p / STATE_FILE).is_file())
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def rotate(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints; folders without a state file are debris of a crash."""
+        complete = self.complete()
+        debris = [p for p in self.folder.glob("step-*") if p not in complete]
+        for old in complete[: -self.keep] + debris:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, accelerator, path: Path) -> LoopState:
+        self.check(path)
+        accelerator.load_state(str(path))
+        state = LoopState.from_json(self.meta(path)["state"])
+        log.info("resumed from %s (step %s)", path, state.step)
+        return state
+
+    def clear(self, accelerator) -> None:
+        """A fresh run starts with no checkpoints of an earlier one, so a later resume cannot pick those up."""
+        if self._writes(accelerator):
+            stale = sorted(self.folder.glob("step-*")) + sorted(self.folder.glob(".step-*.tmp"))
+            if stale:
+                log.info("removing %d checkpoints of an earlier run from %s", len(stale), self.folder)
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()

@@ -1,0 +1,67 @@
+"""The prepare stage: read, validate, de-duplicate and split a pairs file; count tokens. Torch-free."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from pairtune.config import PairtuneConfig
+from pairtune.data import (
+    Columns,
+    PairDataError,
+    check_disjoint,
+    drop_duplicate_pairs,
+    read_pairs,
+    split_pairs,
+    token_stats,
+    write_prepared,
+)
+from pairtune.model_source import load_fast_tokenizer
+from pairtune.tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+
+def run_prepare(settings: PairtuneConfig) -> dict:
+    """Read, validate, de-duplicate and split the pairs file; write parquet splits and stats.json."""
+    data, columns = settings.data, Columns.of(settings.data)
+    frame = read_pairs(data.source, columns, fmt=data.format, delimiter=data.csv_delimiter)
+    frame, dropped = drop_duplicate_pairs(frame)
+    log.info("read %d pairs from %s, dropped %d exact duplicate pairs", len(frame) + dropped, data.source, dropped)
+    splits = split_pairs(
+        frame, columns, train_size=data.train_size, eval_size=data.eval_size, seed=data.split_seed, source=data.source
+    )
+    check_disjoint(splits, columns)
+    if len(splits["train"]) < settings.train.batch_size:
+        raise PairDataError(
+            f"{data.source}: {len(splits['train'])} training pairs, fewer than one batch (train.batch_size="
+            f"{settings.train.batch_size})"
+        )
+    stats = {
+        "source": data.source,
+        "rows": {name: len(split) for name, split in splits.items()},
+        "dropped_duplicates": dropped,
+        **token_report(frame, splits, columns, settings),
+    }
+    write_prepared(settings.paths.prepared, splits, stats)
+    log.info("wrote %s: %s", settings.paths.prepared, stats["rows"])
+    return stats
+
+
+def token_report(frame: pd.DataFrame, splits: dict[str, pd.DataFrame], columns: Columns, settings) -> dict:
+    """Tokens per split and column, and how many texts ``model.max_seq_length`` will truncate."""
+    tokenizer = load_fast_tokenizer(settings.model.name)
+    texts = [text for c in columns.names for text in frame[c].tolist()]
+    tokens_of = dict(zip(texts, count_tokens(tokenizer, texts), strict=True))  # each text tokenised once
+    limit = settings.model.max_seq_length
+    too_long = sum(int(tokens_of[text] > limit) for text in texts)
+    if too_long:
+        log.warning("%d texts are longer than model.max_seq_length=%d tokens and will be truncated", too_long, limit)
+    return {
+        "texts_over_max_seq_length": too_long,
+        "tokens": {
+            name: token_stats(split, columns, lambda batch: [tokens_of[t] for t in batch])
+            for name, split in splits.items()
+        },
+    }

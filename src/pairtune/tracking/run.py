@@ -1,0 +1,364 @@
+"""One MLflow run per pipeline: opened by training, reopened by the later stages, and what goes into it.
+
+:func:`tracked_run` opens (or reopens) a run on the main process and yields an observer the training loop
+reports to; on every other process, and with ``tracking.enabled=false``, it yields a
+:class:`~pairtune.core.NullObserver`. The run ends FINISHED on success, FAILED on an exception (the error
+as a tag) and KILLED on a signal. :func:`stage_run` reopens the same run for evaluate and export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pairtune.core import CARD_METRICS, NullObserver, Observer, metric_key
+from pairtune.tracking.store import (
+    _mlflow,
+    configure,
+    flatten,
+    git_state,
+    project_root,
+    redact,
+    redact_tree,
+    split_params,
+)
+from pairtune.tracking.writer import MetricWriter
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from pairtune.config import PairtuneConfig
+    from pairtune.core import TrainResult
+
+log = logging.getLogger(__name__)
+
+PARAM_BATCH = 100  # MLflow's limit on params per call
+RUN_ID_FILE = "pairtune_run.json"
+MODEL_ALIAS = "newest"  # MLflow reserves "latest"
+PLOTTED_METRICS = ("cosine_mrr@10", "cosine_ndcg@10", "cosine_accuracy@1")
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or when not launched by torchrun / accelerate), decided before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -- the observer -----------------------------------------------------------------------------------------
+
+
+class MlflowObserver(NullObserver):
+    """Reports the loop's steps, evaluations and final artifacts to the active run."""
+
+    def __init__(self, settings: PairtuneConfig) -> None:
+        self.settings = settings
+        self.mlflow = _mlflow()
+        self.run_id = active_run_id()
+        self.writer = MetricWriter(self.run_id, settings.tracking.flush_seconds)
+
+    def on_train_start(self, context: dict[str, Any]) -> None:
+        """``run.*`` params; a resumed run keeps its first values and tags any that changed."""
+        logged = self.mlflow.get_run(self.run_id).data.params
+        params = {f"run.{k}": str(v) for k, v in context.items()}
+        self.mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        for key, value in params.items():
+            if key in logged and logged[key] != value:
+                self.mlflow.set_tag(f"pairtune.resumed.{key}", value)
+
+    def on_resume(self, step: int) -> None:
+        """Mark the replay: steps after ``step`` were logged before the crash and are logged again."""
+        earlier = self.mlflow.get_run(self.run_id).data.tags.get("pairtune.resumed_from_step")
+        self.mlflow.set_tag("pairtune.resumed_from_step", f"{earlier},{step}" if earlier else str(step))
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.writer.put(step, metrics)
+
+    def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        # Epoch ends are when users look: write now, with the steps before them.
+        self.writer.put(step, {f"eval_{metric_key(k)}": v for k, v in metrics.items()}, urgent=True)
+
+    def on_train_end(self, result: TrainResult) -> None:
+        self.writer.flush()
+        log_training_logs(result)
+        log_plots(result)
+        write_run_id(result.model_dir, active_run_id())
+        self.mlflow.log_artifact(str(result.model_dir / "README.md"))
+        if self.settings.tracking.log_model:
+            log_model(result.model_dir, self.settings.tracking.registered_model)
+
+    def close(self) -> None:
+        """Write what is left; rows the store never took go to ``<paths.reports>/unlogged_metrics.jsonl``."""
+        unlogged = self.writer.close()
+        if not unlogged:
+            return
+        path = Path(self.settings.paths.reports) / "unlogged_metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            for step, metrics in unlogged:
+                handle.write(json.dumps({"run_id": self.run_id, "step": step, **metrics}) + "\n")
+        log.error("%d metric rows could not be logged; written to %s", len(unlogged), path)
+
+
+# -- artifacts --------------------------------------------------------------------------------------------
+
+
+def log_figure(
+    artifact_file: str, draw: Callable[[Axes], None], *, figsize: tuple[float, float] = (6, 3.5)
+) -> None:
+    """Draw one figure off-screen (Agg: no display needed), log it to the active run and close it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        draw(ax)
+        _mlflow().log_figure(fig, artifact_file)
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive otherwise
+
+
+def log_training_logs(result: TrainResult) -> None:
+    """The card's Training Logs table, as an MLflow table (``mlflow.load_table``) and as markdown."""
+    import pandas as pd
+
+    from pairtune.card import logs_table  # the card pulls in templating; only a finished run needs it
+
+    mlflow = _mlflow()
+    rows = [
+        {
+            "Epoch": row.epoch,
+            "Step": row.step,
+            "Training Loss": row.training_loss,
+            **{f"eval_{m}": row.metrics.get(m) for m in CARD_METRICS},
+        }
+        for row in result.rows
+    ]
+    mlflow.log_table(pd.DataFrame(rows), artifact_file="training_logs.json")
+    mlflow.log_text("\n".join(logs_table(result.rows)) + "\n", "training_logs.md")
+
+
+def log_plots(result: TrainResult) -> None:
+    """The loss per step and the headline eval metrics per evaluation, under ``plots/``."""
+
+    def loss_curve(ax: Axes) -> None:
+        ax.plot(range(1, len(result.step_losses) + 1), result.step_losses)
+        ax.set(xlabel="step", ylabel="MNRL loss", title="training loss")
+
+    def eval_metrics(ax: Axes) -> None:
+        steps = [r.step for r in result.rows]
+        for metric in PLOTTED_METRICS:
+            ax.plot(steps, [r.metrics[metric] for r in result.rows], marker="o", label=metric)
+        ax.set(xlabel="step", ylabel="eval score", title="eval retrieval metrics")
+        ax.legend()
+
+    log_figure("plots/loss_curve.png", loss_curve)
+    log_figure("plots/eval_metrics.png", eval_metrics)
+
+
+def pip_requirements() -> list[str]:
+    """The exact versions the logged model needs, so ``mlflow models serve`` rebuilds the same stack."""
+    from importlib.metadata import version
+
+    return [
+        f"{name}=={version(name)}"
+        for name in ("sentence-transformers", "transformers", "torch", "tokenizers")
+    ]
+
+
+def log_model(model_dir: Path, registered_name: str | None) -> None:
+    """Log the saved model with a signature and an input example; register it and move the ``newest`` alias."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    mlflow = _mlflow()
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    example = ["Ada ? whr sh @ nit", "Ada wondered where the ship had gone that night."]
+    signature = mlflow.models.infer_signature(example, np.asarray(model.encode(example)))
+    info = mlflow.sentence_transformers.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_name,
+    )
+    if registered_name and info.registered_model_version is not None:
+        mlflow.MlflowClient().set_registered_model_alias(
+            registered_name, MODEL_ALIAS, str(info.registered_model_version)
+        )
+
+
+def log_datasets(settings: PairtuneConfig) -> None:
+    """The prepared train and eval splits as MLflow dataset inputs (name, digest, source, schema)."""
+    import pandas as pd
+
+    mlflow = _mlflow()
+    folder = Path(settings.paths.prepared)
+    for split, context in (("train", "training"), ("eval", "evaluation")):
+        path = folder / f"{split}.parquet"
+        if path.is_file():
+            dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path), name=f"pairs-{split}")
+            mlflow.log_input(dataset, context=context)
+
+
+def log_run_config(config: dict[str, Any]) -> None:
+    """Every config key as a param (overlong values as ``params_overflow.json``), and the whole as YAML."""
+    from omegaconf import OmegaConf
+
+    mlflow = _mlflow()
+    fits, overflow = split_params(flatten(config))
+    items = list(fits.items())
+    for start in range(0, len(items), PARAM_BATCH):
+        mlflow.log_params(dict(items[start : start + PARAM_BATCH]))
+    if overflow:
+        mlflow.log_dict(overflow, "params_overflow.json")
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(redact_tree(config))), "config.yaml")
+
+
+# -- the run's lifecycle ----------------------------------------------------------------------------------
+
+
+def run_tags(overrides: list[str], stage: str) -> dict[str, str]:
+    """Tags that say how a run was started: stage, command line, overrides, git state, DVC experiment."""
+    tags = {
+        "pairtune.stage": stage,
+        "pairtune.command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+        "pairtune.overrides": redact(" ".join(overrides)) or "(none)",
+        **git_state(project_root()),
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+@contextmanager
+def tracked_run(
+    settings: PairtuneConfig,
+    *,
+    config: dict[str, Any],
+    overrides: list[str] | None = None,
+    stage: str = "train",
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[Observer]:
+    """Open the run for a training job; on other ranks or with tracking off, yield a no-op observer."""
+    if not (settings.tracking.enabled and is_main_process()):
+        yield NullObserver()
+        return
+    configure(settings)
+    run = _mlflow().start_run(
+        run_id=resume_run_id,
+        run_name=None if resume_run_id else settings.tracking.run_name,
+        parent_run_id=parent_run_id,
+        tags=None if resume_run_id else run_tags(overrides or [], stage),
+    )
+    with ending_run(run.info.run_id):
+        if resume_run_id is None:
+            log_run_config(config)
+            log_datasets(settings)
+        else:  # params stay those of the first start; what this start changed is kept beside them
+            _mlflow().set_tag("pairtune.resume_overrides", redact(" ".join(overrides or [])) or "(none)")
+        observer = MlflowObserver(settings)
+        try:
+            yield observer
+        finally:
+            observer.close()
+
+
+@contextmanager
+def ending_run(run_id: str) -> Iterator[None]:
+    """End the active run FINISHED, KILLED on an interrupt or FAILED on any other error (kept as a tag)."""
+    mlflow = _mlflow()
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt as err:
+        status = "KILLED"
+        mlflow.set_tag("pairtune.stopped", str(err) or "interrupted")
+        raise
+    except BaseException as err:
+        mlflow.set_tag("pairtune.error", redact(f"{type(err).__name__}: {err}")[:5000])
+        raise
+    finally:
+        mlflow.end_run(status=status)
+        log.info("MLflow run %s ended %s", run_id, status)
+
+
+def active_run_id() -> str | None:
+    """The id of the run this process has open, if any."""
+    run = _mlflow().active_run()
+    return run.info.run_id if run else None
+
+
+def write_run_id(folder: Path, run_id: str | None) -> None:
+    """Leave the run id next to the trained model, so the later stages reopen the same run."""
+    if run_id:
+        Path(folder, RUN_ID_FILE).write_text(json.dumps({"mlflow_run_id": run_id}) + "\n")
+
+
+def read_run_id(folder: Path) -> str | None:
+    """The run id :func:`write_run_id` left in ``folder``, if any."""
+    path = Path(folder, RUN_ID_FILE)
+    return json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
+
+
+# -- the later stages -------------------------------------------------------------------------------------
+
+
+class StageReporter:
+    """What the evaluate and export stages log; this base class is the no-op used without tracking."""
+
+    def log_metrics(self, metrics: dict[str, float]) -> None: ...
+    def log_json(self, payload: dict, artifact_file: str) -> None: ...
+    def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None: ...
+
+
+class MlflowStageReporter(StageReporter):
+    """Logs a stage's metrics, reports and plots into the reopened pipeline run."""
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        _mlflow().log_metrics(metrics)
+
+    def log_json(self, payload: dict, artifact_file: str) -> None:
+        _mlflow().log_dict(payload, artifact_file)
+
+    def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None:
+        """One bar chart per metric: each entry of ``report`` (e.g. base, trained) side by side."""
+        labels = list(report)
+        for metric in report[labels[0]]:
+            chart = bar_chart(labels, [report[label][metric] for label in labels], title=metric)
+            log_figure(f"{folder}/{metric}.png", chart, figsize=(4, 3))
+
+
+def bar_chart(labels: list[str], values: list[float], *, title: str) -> Callable[[Axes], None]:
+    """A drawing for :func:`log_figure`: one labelled bar per value on a 0-1 scale (scores, not losses)."""
+
+    def draw(ax: Axes) -> None:
+        ax.bar(labels, values, color=["#9aa5b1", "#2a6fdb"][: len(labels)])
+        for x, value in enumerate(values):
+            ax.text(x, value, f"{value:.3f}", ha="center", va="bottom")
+        ax.set(title=title, ylim=(0, 1.05))
+
+    return draw
+
+
+@contextmanager
+def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter]:
+    """Reopen the pipeline's run (its id is in the trained model folder) for a later stage."""
+    run_id = read_run_id(Path(settings.paths.model))
+    if run_id is None or not (settings.tracking.enabled and is_main_process()):
+        if settings.tracking.enabled and run_id is None:
+            log.warning("%s: no MLflow run id in %s; not tracked", stage, settings.paths.model)
+        yield StageReporter()
+        return
+    with tracked_run(settings, config={}, stage=stage, resume_run_id=run_id):
+        _mlflow().set_tag(f"pairtune.stage.{stage}", "done")
+        yield MlflowStageReporter()
