@@ -189,3 +189,27 @@ def test_two_nodes_without_a_shared_disk_train_resume_and_track_one_run(tmp_path
     (run,) = mlflow.search_runs(experiment_names=["pairtune"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.tags["pairtune.resumed_from_step"] == "3"
     assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_the_slurm_preset_sweeps_through_submitit_locally(tmp_path, prepared_bundled):
+    """hydra/launcher=slurm_local: the slurm preset's jobs run by submitit's local executor, one parent run."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/store.db"
+    done = subprocess.run(
+        [sys.executable, "pipelines/train.py", "-m", "hydra/launcher=slurm_local", "train.lr=1e-5,2e-5",
+         "experiment=smoke", "train.max_steps=1", "train.eval_on_start=false", "tracking.log_model=false",
+         f"tracking.uri={uri}", f"paths.prepared={prepared_bundled}", f"paths.model={tmp_path}/model",
+         f"paths.reports={tmp_path}/reports", f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["pairtune"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("pairtune.stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["train.lr"] for c in children) == ["1e-05", "2e-05"]
+    assert (tmp_path / "multirun/.submitit").is_dir()  # the jobs really went through submitit

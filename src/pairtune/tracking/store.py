@@ -116,7 +116,7 @@ def git_state(root: Path) -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"git.commit": commit or "none", "git.dirty": str(dirty).lower()} if commit else {}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()} if commit else {}
 
 
 def check_reachable(uri: str, timeout: float = 4.0) -> None:
