@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run params prepare train train-ddp-cpu evaluate export sweep ui bench bench-scale test lint format clean
+.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep ui serve bench bench-scale test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,13 @@ run: $(STAMP) ## the default pipeline on the bundled data: dvc repro (prepare ->
 	$(DVC) repro
 	$(DVC) metrics show
 
+push: $(STAMP) ## share the pipeline's data, models and ONNX files: dvc push to the default remote (.dvc/config)
+	$(DVC) push
+
+pull: $(STAMP) ## fetch them in a fresh clone instead of retraining: dvc pull, then dvc status
+	$(DVC) pull
+	$(DVC) status
+
 params: $(STAMP) ## recompose params.yaml from conf/ (what `dvc exp run` does), after editing conf/
 	$(PY) -c "import os; from dvc.utils.hydra import compose_and_dump as c; \
 	    c('params.yaml', os.path.abspath('conf'), None, 'config', os.path.abspath('.dvc'), [])"
@@ -38,7 +45,7 @@ params: $(STAMP) ## recompose params.yaml from conf/ (what `dvc exp run` does), 
 prepare: $(STAMP) ## only the prepare stage
 	$(PY) pipelines/prepare.py
 
-train: $(STAMP) ## only the train stage (add ARGS="train.lr=1e-5 ...")
+train: $(STAMP) ## a command-line training run (ARGS="train.lr=1e-5 ..."): its model lands in outputs/<date>/<time>/
 	$(PY) pipelines/train.py $(ARGS)
 
 evaluate: $(STAMP) ## only the evaluate stage
@@ -52,8 +59,7 @@ data/prepared/train.parquet: $(STAMP) data/raw/pairs.jsonl
 
 train-ddp-cpu: data/prepared/train.parquet ## 2 CPU processes (torchrun + gloo), candidates gathered across both
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 pipelines/train.py train.batch_size=16 \
-	    loss.gather_across_devices=true paths.model=models/trained-ddp paths.reports=reports/ddp \
-	    paths.checkpoints=checkpoints/ddp tracking.run_name=ddp-cpu-2 $(ARGS)
+	    loss.gather_across_devices=true tracking.run_name=ddp-cpu-2 $(ARGS)
 
 sweep: data/prepared/train.parquet ## a small demonstration sweep: 2 learning rates in parallel, one MLflow parent
 	$(PY) pipelines/train.py -m hydra/launcher=parallel train.lr=2e-5,5e-5 train.epochs=2 train.num_threads=1 \
@@ -63,11 +69,16 @@ sweep: data/prepared/train.parquet ## a small demonstration sweep: 2 learning ra
 ui: $(STAMP) ## the MLflow UI on the local store, bound to 127.0.0.1:5000
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
-bench: $(STAMP) ## pairtune vs SentenceTransformerTrainer, side by side (prints figures)
-	$(PY) bench/compare.py
+SERVE_PORT ?= 5001
+serve: $(STAMP) ## serve models:/pairtune@champion on 127.0.0.1:$(SERVE_PORT) (POST sentences to /invocations)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(VENV)/bin/mlflow models serve \
+	    -m models:/pairtune@champion --host 127.0.0.1 --port $(SERVE_PORT) --env-manager local
 
-bench-scale: $(STAMP) ## prepare and training at 1M synthetic pairs, cached MNRL memory (prints figures)
-	$(PY) bench/scale.py
+bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, torch.compile (~45 min; ARGS="--threads 1")
+	$(PY) bench/compare.py $(ARGS)
+
+bench-scale: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
+	$(PY) bench/scale.py $(ARGS)
 
 browser: ## Debian's chromium for the browser tests (installed once)
 	@command -v chromium >/dev/null || { apt-get update -qq && \

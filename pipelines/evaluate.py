@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.config import load_settings
-from pairtune.entrypoint import exit_on_user_error, quiet_third_party
+from pairtune.entrypoint import exit_on_user_error, isolate_outputs, quiet_third_party
 from pairtune.tracking import stage_run
 
 
@@ -16,7 +16,7 @@ from pairtune.tracking import stage_run
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    settings = load_settings(cfg)
+    settings = isolate_outputs(load_settings(cfg), "reports")
     from pairtune.evaluation import run_evaluate
 
     with stage_run(settings, stage="evaluate") as reporter:
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
             reporter.log_metrics({f"test_{label}_{k}": v for k, v in report[label].items()})
         reporter.log_json(report, "reports/metrics.json")
         reporter.log_comparison_plots({k: report[k] for k in ("base", "trained")}, "plots/test")
+        reporter.promote(report["trained"]["cosine_mrr_at_10"])  # champion only if it beats the current one
     print(json.dumps(report, indent=2))
 
 

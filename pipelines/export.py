@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.config import load_settings
-from pairtune.entrypoint import exit_on_user_error, quiet_third_party
+from pairtune.entrypoint import exit_on_user_error, isolate_outputs, quiet_third_party
 from pairtune.tracking import stage_run
 
 
@@ -16,7 +16,7 @@ from pairtune.tracking import stage_run
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    settings = load_settings(cfg)
+    settings = isolate_outputs(load_settings(cfg), "onnx", "reports")
     from pairtune.export import flat_export_metrics, run_export
 
     with stage_run(settings, stage="export") as reporter:

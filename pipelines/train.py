@@ -11,7 +11,14 @@ from omegaconf import DictConfig
 from pairtune.checkpoint import Checkpoint
 from pairtune.config import load_settings, to_plain_dict
 from pairtune.data import check_prepared
-from pairtune.entrypoint import exit_on_user_error, isolate_sweep_job, launched_world_size, quiet_third_party
+from pairtune.entrypoint import (
+    exit_on_user_error,
+    isolate_outputs,
+    launched_world_size,
+    quiet_third_party,
+    resume_hint,
+)
+from pairtune.progress import with_progress
 from pairtune.signals import TrainingInterrupted, graceful_stop
 from pairtune.tracking import hydra_overrides, is_main_process, sweep_parent_run_id, tracked_run
 
@@ -22,7 +29,7 @@ log = logging.getLogger("pairtune.train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
-    settings = isolate_sweep_job(load_settings(cfg))
+    settings = isolate_outputs(load_settings(cfg), "model", "checkpoints", "reports")
     check_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
     checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
     resume_run = checkpoint.resumable_run_id() if settings.train.resume else None
@@ -33,10 +40,10 @@ def main(cfg: DictConfig) -> float:
         with graceful_stop(), tracked_run(
             settings, config=to_plain_dict(settings), overrides=hydra_overrides(),
             parent_run_id=sweep_parent_run_id(), resume_run_id=resume_run,
-        ) as observer:
+        ) as tracker, with_progress(tracker, settings.train, main=is_main_process()) as observer:
             result = train(settings, observer=observer)
     except TrainingInterrupted as stop:
-        log.warning("%s; checkpoint in %s, continue with train.resume=true", stop, settings.paths.checkpoints)
+        log.warning("%s; checkpoint in %s, continue with: %s", stop, settings.paths.checkpoints, resume_hint())
         sys.exit(stop.exit_code)
     if is_main_process():
         write_training_plots(result, settings.paths.reports)

@@ -7,12 +7,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pairtune.config import DataConfig
 from pairtune.data import (
     Columns,
     PairDataError,
+    PairSource,
     check_disjoint,
     drop_duplicate_pairs,
     read_pairs,
+    read_source,
     split_pairs,
     write_prepared,
 )
@@ -184,3 +187,136 @@ def test_texts_over_max_seq_length_are_counted_with_a_warning(make_settings, tmp
     stats = run_prepare(settings)
     assert stats["texts_over_max_seq_length"] == 1
     assert "1 texts are longer than model.max_seq_length=16 tokens" in caplog.text
+
+
+# -- datasets sources -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    """An empty datasets cache under tmp_path: tests never read or fill the user's own."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def source_of(**data) -> PairSource:
+    return PairSource.of(DataConfig(**data))
+
+
+def write_repository(folder: Path) -> Path:
+    """A dataset repository as on the hub: parquet files and a README whose YAML maps subsets and splits."""
+    (folder / "data").mkdir(parents=True)
+    pd.DataFrame({"q": ["note a", "note b", "note c"], "d": ["one a", "one b", "one c"]}).to_parquet(
+        folder / "data/train-00000.parquet")
+    pd.DataFrame({"q": ["held out"], "d": ["test doc"]}).to_parquet(folder / "data/test-00000.parquet")
+    pd.DataFrame({"q": ["other note"], "d": ["  other doc "]}).to_parquet(folder / "data/other.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n"
+        "  - split: test\n    path: data/test-*.parquet\n- config_name: other\n  data_files:\n"
+        "  - split: train\n    path: data/other.parquet\n---\n# pairs\n"
+    )
+    return folder
+
+
+def test_a_save_to_disk_folder_is_read_mapped_and_stripped(tmp_path, datasets_cache):
+    from datasets import Dataset, DatasetDict
+
+    rows = {"question": ["  Ada see sh ", "note b"], "answer": ["Ada saw the ship.\t", "sentence b"], "id": [1, 2]}
+    Dataset.from_dict(rows).save_to_disk(tmp_path / "one")
+    DatasetDict({"train": Dataset.from_dict(rows), "dev": Dataset.from_dict({**rows, "answer": ["x", " "]})}).save_to_disk(
+        tmp_path / "dict")
+    columns = Columns("question", "answer")
+
+    frame, source = read_source(source_of(source=str(tmp_path / "one")), columns)
+    assert frame.to_dict("records")[0] == {"question": "Ada see sh", "answer": "Ada saw the ship."}
+    assert source.as_dict() == {"kind": "save_to_disk", "id": str(tmp_path / "one"), "revision": None,
+                                "subset": None, "split": None}  # one Dataset: read whole, no split
+    frame, source = read_source(source_of(source=str(tmp_path / "dict")), columns)
+    assert (len(frame), source.split) == (2, "train")
+    with pytest.raises(PairDataError, match=rf"^{re.escape(str(tmp_path / 'dict'))} split dev: row 2: column 'answer' is empty$"):
+        read_source(source_of(source=str(tmp_path / "dict"), split="dev"), columns)
+    with pytest.raises(PairDataError, match=r"no split 'test' \(found: train, dev\); set data.split$"):
+        read_source(source_of(source=str(tmp_path / "dict"), split="test"), columns)
+
+
+def test_a_dataset_repository_folder_is_read_by_split_and_subset(tmp_path, datasets_cache):
+    repo = str(write_repository(tmp_path / "repo"))
+    columns = Columns("q", "d")
+
+    train, source = read_source(source_of(source=repo), columns)
+    test, test_source = read_source(source_of(source=repo, split="test"), columns)
+    other, _ = read_source(source_of(source=repo, subset="other"), columns)
+    assert train["q"].tolist() == ["note a", "note b", "note c"]
+    assert test.to_dict("records") == [{"q": "held out", "d": "test doc"}]
+    assert other.to_dict("records") == [{"q": "other note", "d": "other doc"}]
+    assert source.as_dict() == {"kind": "hub", "id": repo, "revision": None, "subset": None, "split": "train"}
+    assert test_source.split == "test"
+    assert datasets_cache.is_dir()  # the Arrow cache went where datasets was told, not to the user's cache
+    with pytest.raises(PairDataError, match=rf"^{re.escape(repo)} split train: missing column 'sentence_0' \(found: q, d\)$"):
+        read_source(source_of(source=repo), Columns())
+    with pytest.raises(PairDataError, match=r"Unknown split \"dev\".*\(data.subset=None, data.split=dev\)$"):
+        read_source(source_of(source=repo, split="dev"), columns)
+
+
+def test_a_folder_that_is_no_dataset_is_named(tmp_path, datasets_cache):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"\0")
+    with pytest.raises(PairDataError, match=rf"^{re.escape(str(folder))}: neither a save_to_disk folder .* nor a "
+                       r"dataset repository \(no data files datasets can read\)$"):
+        read_source(source_of(source=str(folder)), COLUMNS)
+    with pytest.raises(PairDataError, match=r"^a/b/c: no such file or folder, and not a dataset id$"):
+        source_of(source="a/b/c")
+    assert source_of(source=str(tmp_path / "missing.csv")).kind == "file"  # read_pairs says "file not found"
+
+
+def test_an_uncached_dataset_offline_is_one_line_naming_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    done = subprocess.run(
+        [sys.executable, "pipelines/prepare.py", "data.source=pairtune-test/no-such-pairs",
+         f"paths.prepared={tmp_path}/prepared", f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pairtune: error: pairtune-test/no-such-pairs: not in the local datasets cache and the hub is offline "
+        "(HF_HUB_OFFLINE=1); download it once online or point data.source at a file"
+    )
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_prepare_cli_reads_a_save_to_disk_folder_without_heavy_imports(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from datasets import Dataset
+
+    from .conftest import ROOT
+    from .test_house import HEAVY, imported_modules
+
+    frame = read_pairs(BUNDLED, COLUMNS).rename(columns={"sentence_0": "note", "sentence_1": "sentence"})
+    Dataset.from_pandas(frame).save_to_disk(tmp_path / "saved")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "pipelines/prepare.py", f"data.source={tmp_path}/saved",
+         "data.anchor_column=note", "data.positive_column=sentence", f"paths.prepared={tmp_path}/prepared",
+         f"hydra.run.dir={tmp_path}/h"], cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "prepared/stats.json").read_text())
+    assert stats["rows"] == {"train": 263, "eval": 45, "test": 62}
+    assert stats["lineage"] == {"kind": "save_to_disk", "id": f"{tmp_path}/saved", "revision": None, "subset": None,
+                                "split": None}
+    assert list(pd.read_parquet(tmp_path / "prepared/train.parquet").columns) == ["note", "sentence"]
+    assert "datasets" in imported_modules(done.stderr)
+    assert not imported_modules(done.stderr) & set(HEAVY), sorted(imported_modules(done.stderr) & set(HEAVY))

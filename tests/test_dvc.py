@@ -36,7 +36,9 @@ def test_committed_params_yaml_is_conf_composed():
 
 
 def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    """A command in ``repo`` as a user runs it: the venv first on PATH, HOME beside the repositories
+    (so the default DVC remote, ``~/.cache/pairtune/dvc-remote``, is this test's own)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HOME": str(repo.parent / "home")}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -67,7 +69,17 @@ def repo(tmp_path_factory) -> Path:
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         run(copy, *command)
     run(copy, "dvc", "repro")
+    commit_all(copy, "repro")
     return copy
+
+
+def commit_all(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
 
 
 def runs(repo: Path) -> list:
@@ -90,7 +102,10 @@ def test_repro_produces_every_output_and_one_run(repo):
     assert only.info.status == "FINISHED"
     assert "train_loss" in only.data.metrics and "test_trained_cosine_mrr_at_10" in only.data.metrics
     assert "export_cosine_min_int8" in only.data.metrics
-    assert json.loads((repo / "models/trained/pairtune_run.json").read_text())["mlflow_run_id"] == only.info.run_id
+    lineage = json.loads((repo / "reports/lineage.json").read_text())
+    assert lineage["mlflow_run_id"] == only.info.run_id and lineage["dvc_experiment"] is None
+    assert not (repo / "models/trained/pairtune_run.json").exists()
+    assert "throughput" not in export and "throughput" in json.loads((repo / "reports/export_speed.json").read_text())
     shown = run(repo, "dvc", "metrics", "show", "--json").stdout
     assert "trained" in shown and "cosine_mrr_at_10" in shown
 
@@ -112,13 +127,72 @@ def test_forced_repro_gives_byte_identical_metrics(repo):
 
 
 @pytest.mark.slow
+def test_a_fresh_clone_reproduces_everything_and_leaves_git_clean(repo):
+    """What a user sees after `git clone` and `make run`: every stage reruns, nothing in git changes."""
+    clone = repo.parent / "fresh"
+    run(repo.parent, "git", "clone", "-q", str(repo), str(clone))
+    out = run(clone, "dvc", "repro").stdout
+    # every stage whose outputs a clone lacks reruns; evaluate's only output is a metrics file in git, and
+    # its deps (the retrained model included) come out identical, so DVC rightly finds it up to date
+    assert {"prepare", "train", "export"} <= stages_run(out), out
+    changed = run(clone, "git", "status", "--porcelain").stdout
+    assert changed == "", changed + run(clone, "git", "diff").stdout[-4000:]  # dvc.lock, metrics, plots: identical
+    assert "up to date" in run(clone, "dvc", "status").stdout
+
+
+@pytest.mark.slow
+def test_a_pushed_pipeline_is_pulled_by_a_fresh_clone_without_training(repo):
+    run(repo, "dvc", "push")
+    assert (repo.parent / "home/.cache/pairtune/dvc-remote").is_dir()  # the default remote of .dvc/config
+    clone = repo.parent / "pulled"
+    run(repo.parent, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "pull")
+    for path in ("data/prepared/train.parquet", "models/trained/model.safetensors", "models/onnx/onnx/model.onnx",
+                 "models/onnx/onnx/model_qint8_avx2.onnx"):
+        assert (clone / path).is_file(), path
+    assert "up to date" in run(clone, "dvc", "status").stdout
+    out = run(clone, "dvc", "repro").stdout
+    assert stages_run(out) == set(), out
+    assert not (clone / "mlflow.db").exists()  # no stage ran, so no run was opened
+
+
+@pytest.mark.slow
+def test_touching_code_only_train_runs_reruns_train_not_prepare(repo):
+    unpad = repo / "src/pairtune/unpad.py"
+    original = unpad.read_text()
+    unpad.write_text(original + "\n# a comment: the code changed, what it computes did not\n")
+    try:
+        status = run(repo, "dvc", "status").stdout
+        assert "train:" in status and "prepare:" not in status, status
+        out = run(repo, "dvc", "repro").stdout
+        # train reruns; its model is byte-identical, so evaluate and export are rightly up to date
+        assert "train" in stages_run(out) and "prepare" not in stages_run(out), out
+        assert "up to date" in run(repo, "dvc", "status").stdout
+    finally:
+        unpad.write_text(original)
+        run(repo, "git", "checkout", "HEAD", "--", "dvc.lock")  # dvc repro staged it (core.autostage)
+    assert run(repo, "git", "status", "--porcelain").stdout == ""
+
+
+@pytest.mark.slow
+def test_a_command_line_run_is_an_experiment_not_a_pipeline_edit(repo):
+    before = {p: (repo / p).read_bytes() for p in ("models/trained/model.safetensors", "reports/plots/train_loss.csv")}
+    run(repo, "python", "pipelines/train.py", "experiment=smoke", "tracking.enabled=false")
+    (model,) = (repo / "outputs").glob("*/*/models/trained/model.safetensors")  # outputs/<date>/<time>/...
+    assert (model.parents[2] / "reports/plots/train_loss.csv").is_file()
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert "up to date" in run(repo, "dvc", "status").stdout
+    assert run(repo, "git", "status", "--porcelain").stdout == ""
+
+
+@pytest.mark.slow
 def test_exp_run_changes_params_and_reruns_only_downstream(repo):
     out = run(repo, "dvc", "exp", "run", "-S", "train.lr=1e-4", "-n", "fast-lr").stdout
-    ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == {"train", "evaluate", "export"}, out
+    assert stages_run(out) == {"train", "evaluate", "export"}, out
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["train"]["lr"] == 1e-4
     last = runs(repo)[-1]
     assert last.data.params["train.lr"] == "0.0001" and last.data.tags.get("dvc.experiment") == "fast-lr"
+    assert last.data.tags.get("dvc.baseline_rev") == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
     table = run(repo, "dvc", "exp", "show", "--json").stdout
-    assert "fast-lr" in table
+    assert "fast-lr" in table and last.info.run_id in table  # the experiment lists its MLflow run

@@ -54,6 +54,7 @@ def tracked(tmp_path_factory, prepared_bundled):
                 f"paths.prepared={prepared_bundled}",
                 f"paths.model={folder}/model",
                 f"paths.checkpoints={folder}/ckpt",
+                f"paths.reports={folder}/reports",
                 f"data.source={BUNDLED}",
                 "train.max_steps=2",
                 "train.epochs=1",
@@ -93,7 +94,7 @@ def test_run_logs_params_metrics_tags_and_inputs(tracked):
 
 @pytest.mark.slow
 def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
-    uri, run, result, _ = tracked
+    uri, run, result, settings = tracked
     table = mlflow.MlflowClient().load_table(
         run.info.experiment_id, "training_logs.json", run_ids=[run.info.run_id]
     )
@@ -106,9 +107,9 @@ def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
     model = mlflow.pyfunc.load_model("models:/pairtune@newest")
     embedding = model.predict(["Ada see sh"])
     assert embedding.shape == (1, 384)
-    assert (
-        json.loads((result.model_dir / "pairtune_run.json").read_text())["mlflow_run_id"] == run.info.run_id
-    )
+    lineage = json.loads((Path(settings.paths.reports) / "lineage.json").read_text())
+    assert lineage["mlflow_run_id"] == run.info.run_id and lineage["model_dir"] == str(result.model_dir)
+    assert not (result.model_dir / "pairtune_run.json").exists()  # no run id in the model folder
 
 
 def _status_after(settings, error: BaseException) -> mlflow.entities.Run:
@@ -256,7 +257,22 @@ def test_stage_reporter_logs_one_bar_chart_per_metric_and_closes_them(make_setti
     )
     report = {"base": {"mrr": 0.5, "ndcg": 0.6}, "trained": {"mrr": 0.7, "ndcg": 0.8}}
     with tracked_run(settings, config={}) as observer:
-        MlflowStageReporter().log_comparison_plots(report, "plots/test")
+        MlflowStageReporter(observer.run_id, None).log_comparison_plots(report, "plots/test")
     assert plt.get_fignums() == []
     plots = {a.path for a in mlflow.MlflowClient().list_artifacts(observer.run_id, "plots/test")}
     assert plots == {"plots/test/mrr.png", "plots/test/ndcg.png"}
+
+
+def test_runs_table_shows_the_dvc_experiment_column_only_when_a_run_has_one():
+    from pairtune.core import OBJECTIVE
+    from pairtune.runs import RunRow, format_table
+
+    plain = RunRow("a", "run-a", "FINISHED", {"train.lr": "1e-05"}, {OBJECTIVE: 0.8})
+    exp = RunRow("b", "run-b", "FINISHED", {"train.lr": "5e-05"}, {OBJECTIVE: 0.9}, experiment="fast-lr")
+    with_exp = format_table([exp, plain], sort_metric=OBJECTIVE).splitlines()
+    assert with_exp[0].split()[:4] == ["run", "status", "dvc", "experiment"]
+    assert "fast-lr" in with_exp[2] and with_exp[3].split()[2] == "-"
+    assert "experiment" not in format_table([plain], sort_metric=OBJECTIVE).splitlines()[0]
+    served = RunRow("c", "run-c", "FINISHED", {}, {OBJECTIVE: 0.7}, aliases=["champion", "newest"])
+    lines = format_table([served, plain], sort_metric=OBJECTIVE).splitlines()
+    assert lines[0].split()[:3] == ["run", "status", "aliases"] and "champion,newest" in lines[2]

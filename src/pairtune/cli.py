@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("--ascending", action="store_true", help="sort the smallest value first (for losses)")
     runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument("--model", default="pairtune", help="registered model whose aliases are shown (default: pairtune)")
     return parser
 
 
@@ -53,6 +54,7 @@ def show_runs(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         parent_run_id=args.parent,
         limit=args.limit,
+        registered_model=args.model,
     )
     if not rows:
         print("no runs found", file=sys.stderr)

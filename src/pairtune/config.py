@@ -28,7 +28,10 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    source: str = "data/raw/pairs.jsonl"
+    source: str = "data/raw/pairs.jsonl"  # a file, a save_to_disk folder, a dataset folder or a hub dataset id
+    revision: str | None = None  # hub datasets: a branch, tag or commit; None = the default branch
+    subset: str | None = None  # hub datasets: the configuration (load_dataset's name); None = the default one
+    split: str = "train"  # datasets sources: the split to read (slices such as "train[:10%]" for hub datasets)
     format: str | None = None  # jsonl | csv | parquet; None = from the file suffix
     anchor_column: str = "sentence_0"
     positive_column: str = "sentence_1"
@@ -46,6 +49,8 @@ class DataConfig:
             )
             _require(ok, f"data.{key}", f"must be a positive row count or a fraction in (0, 1), got {value!r}")
         _require(self.format in (None, "jsonl", "csv", "parquet"), "data.format", "must be jsonl, csv or parquet")
+        _require(bool(self.source), "data.source", "must not be empty")
+        _require(bool(self.split), "data.split", "must not be empty")
         _require(self.anchor_column != self.positive_column, "data.positive_column", "must differ from anchor")
 
 
@@ -107,6 +112,8 @@ class TrainConfig:
     shared_filesystem: bool = True  # False: every node keeps its own checkpoint copy
     collective_timeout_minutes: float = 60.0  # how long ranks wait for rank 0's evaluation, or any collective
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    progress: bool = True  # console progress (main process): a bar on a terminal, plain lines in a log
+    progress_every_seconds: float = 30.0  # without a terminal (CI, DVC, SLURM): one progress line this often
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
@@ -126,6 +133,7 @@ class TrainConfig:
             value = getattr(self, key)
             _require(value is None or value > 0, f"train.{key}", f"must be > 0 or null, got {value}")
         _require(self.collective_timeout_minutes > 0, "train.collective_timeout_minutes", "must be > 0")
+        _require(self.progress_every_seconds > 0, "train.progress_every_seconds", "must be > 0")
 
 
 @dataclass

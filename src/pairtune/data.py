@@ -1,7 +1,8 @@
-"""Reading, validating and splitting pair files.
+"""Reading, validating and splitting pairs: from a file, a ``save_to_disk`` folder or a Hugging Face dataset.
 
-Every problem with a pairs file raises :class:`PairDataError` whose message is one line naming the file,
-the 1-based row and the column or problem, so the prepare stage can print it and exit non-zero.
+Every problem with the pairs raises :class:`PairDataError` whose message is one line naming the source (file,
+folder or dataset id), the 1-based row and the column or problem, so the prepare stage can print it and exit
+non-zero. ``datasets`` is imported only when a datasets source is read: a file source never pays for it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "test")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# A Hugging Face repository id: "name" or "owner/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+SAVED_DATASET_FILES = (("dataset_info.json", "state.json"), ("dataset_dict.json",))  # Dataset, DatasetDict
 
 
 class PairDataError(ValueError):
@@ -103,14 +109,15 @@ def read_pairs(path: str | Path, columns: Columns, *, fmt: str | None = None, de
             frame = pd.read_parquet(path)
         except Exception as err:  # pyarrow raises several unrelated types
             raise PairDataError(f"{path}: unreadable parquet ({type(err).__name__})") from None
-    return validate_pairs(frame, columns, source=str(path))
+    return validate_pairs(frame, columns, source=str(path), csv=kind == "csv")
 
 
-def validate_pairs(frame: pd.DataFrame, columns: Columns, *, source: str) -> pd.DataFrame:
+def validate_pairs(frame: pd.DataFrame, columns: Columns, *, source: str, csv: bool = False) -> pd.DataFrame:
+    """Exactly ``columns.names``, every value a non-empty text, whitespace-stripped; else a one-line error."""
     missing = [c for c in columns.names if c not in frame.columns]
     if missing:
         found = ", ".join(map(str, frame.columns)) or "none"
-        hint = " (wrong CSV delimiter?)" if len(frame.columns) == 1 else ""
+        hint = " (wrong CSV delimiter?)" if csv and len(frame.columns) == 1 else ""
         raise PairDataError(f"{source}: missing column '{missing[0]}' (found: {found}){hint}")
     if frame.empty:
         raise PairDataError(f"{source}: no rows")
@@ -124,6 +131,129 @@ def validate_pairs(frame: pd.DataFrame, columns: Columns, *, source: str) -> pd.
                 raise PairDataError(f"{source}: row {index}: column '{column}' is empty")
         clean[column] = clean[column].str.strip()
     return clean.reset_index(drop=True)
+
+
+# -- sources: a file, a save_to_disk folder or a dataset repository --------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where the pairs come from; the prepare stage records it in ``stats.json`` as the data's lineage.
+
+    ``kind`` is ``file`` (jsonl, csv or parquet), ``save_to_disk`` (a folder written by ``save_to_disk``) or
+    ``hub`` (a dataset repository read by ``datasets.load_dataset``: a hub id, or a local folder laid out as
+    one, whose ``id`` is then its path). ``split`` is None for a file and a saved single Dataset, used whole.
+    """
+
+    kind: str
+    id: str
+    revision: str | None = None
+    subset: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def of(cls, data: DataConfig) -> PairSource:
+        """What ``data.source`` names: an existing file or folder first, then a file by its suffix, then a hub id."""
+        path = Path(data.source)
+        if path.is_dir() and is_saved_dataset(path):
+            return cls("save_to_disk", data.source, split=data.split)
+        if path.is_file() or (not path.is_dir() and (data.format or path.suffix.lower() in FORMATS)):
+            return cls("file", data.source)  # a missing file is reported by read_pairs
+        if path.is_dir() or HUB_ID.fullmatch(data.source):
+            return cls("hub", data.source, data.revision, data.subset, data.split)
+        raise PairDataError(f"{data.source}: no such file or folder, and not a dataset id")
+
+    @property
+    def label(self) -> str:
+        """How errors name the source: the file, folder or id, and the split when there is one."""
+        return self.id if self.split is None else f"{self.id} split {self.split}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """True for a folder ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote."""
+    return any(all((folder / name).is_file() for name in names) for names in SAVED_DATASET_FILES)
+
+
+def read_source(
+    source: PairSource, columns: Columns, *, fmt: str | None = None, delimiter: str = ","
+) -> tuple[pd.DataFrame, PairSource]:
+    """The validated pairs of any source, and the source as read (a saved single Dataset has no split)."""
+    if source.kind == "file":
+        return read_pairs(source.id, columns, fmt=fmt, delimiter=delimiter), source
+    if source.kind == "save_to_disk":
+        dataset, source = load_saved(source)
+    else:
+        dataset = load_repository(source)
+    return validate_pairs(dataset_frame(dataset, columns), columns, source=source.label), source
+
+
+def load_saved(source: PairSource) -> tuple[Any, PairSource]:
+    """A ``save_to_disk`` folder: a DatasetDict gives its ``data.split``, a single Dataset is used whole."""
+    import datasets  # only a datasets source pays for the import
+
+    saved = datasets.load_from_disk(source.id)
+    if isinstance(saved, datasets.DatasetDict):
+        if source.split not in saved:
+            found = ", ".join(saved) or "none"
+            raise PairDataError(f"{source.id}: no split '{source.split}' (found: {found}); set data.split")
+        return saved[source.split], source
+    if source.split not in (None, "train"):  # "train" is the default: a single Dataset is read whole
+        raise PairDataError(f"{source.id}: one saved Dataset without splits, so data.split={source.split} cannot apply")
+    return saved, replace(source, split=None)
+
+
+def load_repository(source: PairSource) -> Any:
+    """One split of a hub dataset or a local dataset repository, through the ``datasets`` cache."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.id, name=source.subset, revision=source.revision, split=source.split)
+    except ConnectionError:  # offline or unreachable, and not cached
+        raise PairDataError(unreachable_message(source.id, offline=datasets.config.HF_HUB_OFFLINE)) from None
+    except datasets.exceptions.DataFilesNotFoundError:
+        if Path(source.id).is_dir():
+            raise PairDataError(
+                f"{source.id}: neither a save_to_disk folder (no dataset_info.json or dataset_dict.json) nor a "
+                "dataset repository (no data files datasets can read)"
+            ) from None
+        raise PairDataError(f"{source.id}: the dataset has no data files datasets can read") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise PairDataError(
+            f"{source.id}: no such file or folder, and no dataset with this id on the Hugging Face Hub "
+            "(a private one needs `hf auth login`)"
+        ) from None
+    except (ValueError, datasets.exceptions.DatasetsError) as err:  # e.g. an unknown split or subset, named
+        hint = f"data.subset={source.subset}, data.split={source.split}"
+        raise PairDataError(f"{source.id}: {str(err).strip().splitlines()[0]} ({hint})") from None
+
+
+def unreachable_message(dataset_id: str, *, offline: bool) -> str:
+    """The one line for a dataset that is not cached and cannot be downloaded now, naming why."""
+    if not offline:
+        return f"{dataset_id}: not in the local datasets cache and the Hugging Face Hub cannot be reached"
+    flags = [
+        f"{name}={os.environ[name]}"
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+    ]
+    return (
+        f"{dataset_id}: not in the local datasets cache and the hub is offline ({flags[0] if flags else 'offline mode'}); "
+        "download it once online or point data.source at a file"
+    )
+
+
+def dataset_frame(dataset: Any, columns: Columns) -> pd.DataFrame:
+    """The named columns of a Dataset as a frame, leaving the others unread.
+
+    With a column missing, an empty frame of the columns there are: :func:`validate_pairs` then names the
+    missing one exactly as it does for a file.
+    """
+    if any(name not in dataset.column_names for name in columns.names):
+        return pd.DataFrame(columns=dataset.column_names)
+    return dataset.select_columns(columns.names).to_pandas()
 
 
 def drop_duplicate_pairs(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -22,10 +23,43 @@ T = TypeVar("T")
 
 
 def quiet_third_party() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Keep the console to pairtune's own lines and real problems: silence known-harmless chatter at its source.
+
+    Each filter names one message and the module or logger that emits it, with why it is harmless; nothing
+    is silenced wholesale, so an unexpected warning from the same libraries still shows.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is first imported
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    if not sys.stderr.isatty():  # datasets' "Generating train split" bars: carriage returns pile up in a log
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "sentence_transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "generated new fontManager": matplotlib builds its font cache once per install; an INFO line, not a problem.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables...": a new local store being set up, once.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # Raised from pairtune.tracking.run.log_datasets (its better home: pass the source explicitly there). MLflow
+    # builds a LocalArtifactDatasetSource for both the "" and the "file" scheme, so a local parquet path
+    # matches two identical local-file sources; either is right, and MLflow says which one it took.
+    warnings.filterwarnings(
+        "ignore",
+        message="The specified dataset source can be interpreted in multiple ways",
+        category=UserWarning,
+        module="mlflow.data.dataset_source_registry",
+    )
+    if _ort_preprocessing_hint not in logging.getLogger().filters:  # once, however often this is called
+        logging.getLogger().addFilter(_ort_preprocessing_hint)
+
+
+def _ort_preprocessing_hint(record: logging.LogRecord) -> bool:
+    """False for ONNX Runtime's "Please consider to run pre-processing before quantization" hint.
+
+    ``quantize_dynamic`` logs it on the root logger for any model without ORT's shape-inference and optimizer
+    pre-processing. The export stage quantises without it on purpose: it checks int8 parity against
+    ``export.min_cosine_int8`` on every test sentence, and ORT's transformer optimizer made the int8 graph
+    slower and less exact (README, "Speed"). Better home: around ``quantize_dynamic`` in ``pairtune.export``.
+    """
+    return not (record.name == "root" and "pre-processing before quantization" in str(record.msg))
 
 
 def exit_on_user_error(func: Callable[..., T]) -> Callable[..., T]:
@@ -55,23 +89,42 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def isolate_sweep_job(settings: PairtuneConfig) -> PairtuneConfig:
-    """In a Hydra multirun, give each job its own model, checkpoint and report folders.
+def in_dvc_stage() -> bool:
+    """True when DVC runs this process as a pipeline stage (it sets ``DVC_STAGE`` for every stage command)."""
+    return bool(os.environ.get("DVC_STAGE"))
 
-    Jobs of one sweep (possibly running in parallel) would otherwise write over each other's outputs.
-    Relative paths go under the job's Hydra folder (``multirun/<date>/<time>/<job>/models/trained``),
-    absolute ones get the job number as a subfolder (``/data/models/3``).
+
+def isolate_outputs(settings: PairtuneConfig, *keys: str) -> PairtuneConfig:
+    """Outside a DVC stage, write the ``paths.<key>`` outputs into this job's own Hydra folder.
+
+    A command-line run (``pipelines/train.py train.lr=...``, ``make train``, a sweep) is an experiment, not
+    a pipeline edit: relative output paths move under its Hydra output folder
+    (``outputs/<date>/<time>/models/trained``; ``multirun/<date>/<time>/<job>/...`` in a sweep, so parallel
+    jobs never share a folder), and the DVC pipeline's ``models/``, ``reports/`` and ``checkpoints/`` stay
+    as ``dvc repro`` left them. Absolute paths are kept, with the job number appended in a sweep.
     """
-    if not in_multirun():
-        return settings
     from hydra.core.hydra_config import HydraConfig
 
+    if in_dvc_stage() or not HydraConfig.initialized():
+        return settings
     hydra = HydraConfig.get()
-    job_dir, job = Path(hydra.runtime.output_dir), str(hydra.job.num)
+    job_dir = Path(hydra.runtime.output_dir)
 
     def own(path: str) -> str:
-        return str(Path(path) / job if Path(path).is_absolute() else job_dir / path)
+        if Path(path).is_absolute():  # a sweep's jobs still need folders of their own
+            return str(Path(path) / str(hydra.job.num)) if in_multirun() else path
+        return str(job_dir / path)
 
-    paths = settings.paths
-    paths.model, paths.checkpoints, paths.reports = own(paths.model), own(paths.checkpoints), own(paths.reports)
+    for key in keys:
+        setattr(settings.paths, key, own(getattr(settings.paths, key)))
     return settings
+
+
+def resume_hint() -> str:
+    """The command that continues this run: the same overrides, its own Hydra folder, ``train.resume=true``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    command = [Path(sys.argv[0]).as_posix(), *(arg for arg in sys.argv[1:] if arg != "train.resume=true")]
+    if HydraConfig.initialized() and not in_dvc_stage():
+        command.append(f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
+    return " ".join(["python", *command, "train.resume=true"])

@@ -1,4 +1,4 @@
-"""The prepare stage: read, validate, de-duplicate and split a pairs file; count tokens. Torch-free."""
+"""The prepare stage: read, validate, de-duplicate and split the pairs (file or dataset); count tokens. Torch-free."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pairtune.config import PairtuneConfig
 from pairtune.data import (
     Columns,
     PairDataError,
+    PairSource,
     check_disjoint,
     drop_duplicate_pairs,
-    read_pairs,
+    read_source,
     split_pairs,
     token_stats,
     write_prepared,
@@ -24,11 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def run_prepare(settings: PairtuneConfig) -> dict:
-    """Read, validate, de-duplicate and split the pairs file; write parquet splits and stats.json."""
+    """Read, validate, de-duplicate and split the pairs; write parquet splits and stats.json.
+
+    ``stats.json`` keeps the source as read under ``lineage`` (kind, id, revision, subset, split), so the
+    tracker can log the data's origin as the matching MLflow dataset type.
+    """
     data, columns = settings.data, Columns.of(settings.data)
-    frame = read_pairs(data.source, columns, fmt=data.format, delimiter=data.csv_delimiter)
+    frame, source = read_source(PairSource.of(data), columns, fmt=data.format, delimiter=data.csv_delimiter)
     frame, dropped = drop_duplicate_pairs(frame)
-    log.info("read %d pairs from %s, dropped %d exact duplicate pairs", len(frame) + dropped, data.source, dropped)
+    log.info("read %d pairs from %s, dropped %d exact duplicate pairs", len(frame) + dropped, source.label, dropped)
     splits = split_pairs(
         frame, columns, train_size=data.train_size, eval_size=data.eval_size, seed=data.split_seed, source=data.source
     )
@@ -40,6 +45,7 @@ def run_prepare(settings: PairtuneConfig) -> dict:
         )
     stats = {
         "source": data.source,
+        "lineage": source.as_dict(),
         "rows": {name: len(split) for name, split in splits.items()},
         "dropped_duplicates": dropped,
         **token_report(frame, splits, columns, settings),

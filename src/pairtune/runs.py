@@ -5,10 +5,11 @@ Imports mlflow (through the tracking seam) but nothing of the training stack, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pairtune.core import OBJECTIVE
 from pairtune.tracking import store
+from pairtune.tracking.registry import aliases_by_run
 from pairtune.tracking.sweep import child_runs
 
 #: Final metrics shown in the table, in this order, when a run has them.
@@ -24,6 +25,8 @@ class RunRow:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
+    experiment: str | None = None  # the DVC experiment the run belongs to (tag ``dvc.experiment``)
+    aliases: list[str] = field(default_factory=list)  # of its registered model version: champion, newest...
 
 
 def collect_runs(
@@ -32,6 +35,7 @@ def collect_runs(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     limit: int = 50,
+    registered_model: str | None = "pairtune",
 ) -> list[RunRow]:
     """Training runs of an experiment (sweep parents left out), or the children of one sweep."""
     mlflow = store._mlflow()
@@ -50,9 +54,16 @@ def collect_runs(
             experiment_ids=[found.experiment_id], max_results=limit, output_format="list"
         )
         runs = [run for run in runs if run.data.tags.get("pairtune.stage") != "sweep"]
+    aliases = aliases_by_run(registered_model) if registered_model else {}
     return [
         RunRow(
-            run.info.run_id, run.info.run_name, run.info.status, dict(run.data.params), dict(run.data.metrics)
+            run.info.run_id,
+            run.info.run_name,
+            run.info.status,
+            dict(run.data.params),
+            dict(run.data.metrics),
+            run.data.tags.get("dvc.experiment"),
+            aliases.get(run.info.run_id, []),
         )
         for run in runs[:limit]
     ]
@@ -72,11 +83,16 @@ def format_table(rows: list[RunRow], *, sort_metric: str) -> str:
     params = differing_params(rows)
     metrics = [sort_metric, *(m for m in TABLE_METRICS if m != sort_metric)]
     metrics = [m for m in metrics if any(m in row.metrics for row in rows)]
-    header = ["run", "status", *params, *metrics]
+    experiments = any(row.experiment for row in rows)  # a column only when some run has one
+    aliased = any(row.aliases for row in rows)
+    header = ["run", "status", *(["aliases"] if aliased else []), *(["dvc experiment"] if experiments else [])]
+    header += [*params, *metrics]
     body = [
         [
             row.name,
             row.status,
+            *([",".join(row.aliases) or "-"] if aliased else []),
+            *([row.experiment or "-"] if experiments else []),
             *(row.params.get(p, "-") for p in params),
             *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in metrics),
         ]

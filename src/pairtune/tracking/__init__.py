@@ -13,7 +13,7 @@ from pairtune.tracking.run import (
     read_run_id,
     stage_run,
     tracked_run,
-    write_run_id,
+    write_lineage,
 )
 from pairtune.tracking.store import (
     PARAM_VALUE_LIMIT,
@@ -44,5 +44,5 @@ __all__ = [
     "sweep_parent_run_id",
     "tracked_run",
     "tracking_uri",
-    "write_run_id",
+    "write_lineage",
 ]

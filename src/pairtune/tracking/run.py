@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairtune.core import CARD_METRICS, NullObserver, Observer, metric_key
+from pairtune.files import write_json_atomic
+from pairtune.tracking.registry import log_model
 from pairtune.tracking.store import (
     _mlflow,
     configure,
@@ -39,8 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARAM_BATCH = 100  # MLflow's limit on params per call
-RUN_ID_FILE = "pairtune_run.json"
-MODEL_ALIAS = "newest"  # MLflow reserves "latest"
+LINEAGE_FILE = "lineage.json"  # in paths.reports: untracked by git, no DVC output (see dvc.yaml's metrics)
 PLOTTED_METRICS = ("cosine_mrr@10", "cosine_ndcg@10", "cosine_accuracy@1")
 
 
@@ -86,7 +87,7 @@ class MlflowObserver(NullObserver):
         self.writer.flush()
         log_training_logs(result)
         log_plots(result)
-        write_run_id(result.model_dir, active_run_id())
+        write_lineage(self.settings, active_run_id())
         self.mlflow.log_artifact(str(result.model_dir / "README.md"))
         if self.settings.tracking.log_model:
             log_model(result.model_dir, self.settings.tracking.registered_model)
@@ -162,39 +163,6 @@ def log_plots(result: TrainResult) -> None:
     log_figure("plots/eval_metrics.png", eval_metrics)
 
 
-def pip_requirements() -> list[str]:
-    """The exact versions the logged model needs, so ``mlflow models serve`` rebuilds the same stack."""
-    from importlib.metadata import version
-
-    return [
-        f"{name}=={version(name)}"
-        for name in ("sentence-transformers", "transformers", "torch", "tokenizers")
-    ]
-
-
-def log_model(model_dir: Path, registered_name: str | None) -> None:
-    """Log the saved model with a signature and an input example; register it and move the ``newest`` alias."""
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-
-    mlflow = _mlflow()
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    example = ["Ada ? whr sh @ nit", "Ada wondered where the ship had gone that night."]
-    signature = mlflow.models.infer_signature(example, np.asarray(model.encode(example)))
-    info = mlflow.sentence_transformers.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_name,
-    )
-    if registered_name and info.registered_model_version is not None:
-        mlflow.MlflowClient().set_registered_model_alias(
-            registered_name, MODEL_ALIAS, str(info.registered_model_version)
-        )
-
-
 def log_datasets(settings: PairtuneConfig) -> None:
     """The prepared train and eval splits as MLflow dataset inputs (name, digest, source, schema)."""
     import pandas as pd
@@ -233,8 +201,10 @@ def run_tags(overrides: list[str], stage: str) -> dict[str, str]:
         "pairtune.overrides": redact(" ".join(overrides)) or "(none)",
         **git_state(project_root()),
     }
-    if os.environ.get("DVC_EXP_NAME"):
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (a generated name when -n is not given)
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
 
 
@@ -298,16 +268,33 @@ def active_run_id() -> str | None:
     return run.info.run_id if run else None
 
 
-def write_run_id(folder: Path, run_id: str | None) -> None:
-    """Leave the run id next to the trained model, so the later stages reopen the same run."""
+def lineage(settings: PairtuneConfig, run_id: str | None) -> dict[str, str | None]:
+    """Which MLflow run trained which model, in which DVC experiment (if any) from which revision."""
+    return {
+        "mlflow_run_id": run_id,
+        "model_dir": str(settings.paths.model),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+        "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
+    }
+
+
+def write_lineage(settings: PairtuneConfig, run_id: str | None) -> None:
+    """Leave the run id beside the reports, so the later stages reopen the same run.
+
+    Run ids never go into the model folder or any DVC output: those must be byte-identical when a
+    run is reproduced. ``dvc exp show`` still lists the file (a top-level metric in dvc.yaml).
+    """
     if run_id:
-        Path(folder, RUN_ID_FILE).write_text(json.dumps({"mlflow_run_id": run_id}) + "\n")
+        write_json_atomic(Path(settings.paths.reports) / LINEAGE_FILE, lineage(settings, run_id))
 
 
-def read_run_id(folder: Path) -> str | None:
-    """The run id :func:`write_run_id` left in ``folder``, if any."""
-    path = Path(folder, RUN_ID_FILE)
-    return json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
+def read_run_id(settings: PairtuneConfig) -> str | None:
+    """The run that trained ``paths.model``, from :func:`write_lineage`'s file, if it is about that model."""
+    path = Path(settings.paths.reports) / LINEAGE_FILE
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return found.get("mlflow_run_id") if found.get("model_dir") == str(settings.paths.model) else None
 
 
 # -- the later stages -------------------------------------------------------------------------------------
@@ -319,10 +306,20 @@ class StageReporter:
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_json(self, payload: dict, artifact_file: str) -> None: ...
     def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None: ...
+    def promote(self, score: float) -> str | None: ...
 
 
 class MlflowStageReporter(StageReporter):
     """Logs a stage's metrics, reports and plots into the reopened pipeline run."""
+
+    def __init__(self, run_id: str, registered_model: str | None) -> None:
+        self.run_id, self.registered_model = run_id, registered_model
+
+    def promote(self, score: float) -> str | None:
+        """Move ``champion`` (or ``challenger``) to this run's registered version, by its test MRR@10."""
+        from pairtune.tracking.registry import promote
+
+        return promote(self.registered_model, self.run_id, score)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         _mlflow().log_metrics(metrics)
@@ -352,13 +349,19 @@ def bar_chart(labels: list[str], values: list[float], *, title: str) -> Callable
 
 @contextmanager
 def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter]:
-    """Reopen the pipeline's run (its id is in the trained model folder) for a later stage."""
-    run_id = read_run_id(Path(settings.paths.model))
+    """Reopen the pipeline's run (its id is in ``paths.reports/lineage.json``) for a later stage."""
+    run_id = read_run_id(settings)
     if run_id is None or not (settings.tracking.enabled and is_main_process()):
         if settings.tracking.enabled and run_id is None:
-            log.warning("%s: no MLflow run id in %s; not tracked", stage, settings.paths.model)
+            log.warning(
+                "%s: no MLflow run for %s in %s/%s; not tracked",
+                stage,
+                settings.paths.model,
+                settings.paths.reports,
+                LINEAGE_FILE,
+            )
         yield StageReporter()
         return
     with tracked_run(settings, config={}, stage=stage, resume_run_id=run_id):
         _mlflow().set_tag(f"pairtune.stage.{stage}", "done")
-        yield MlflowStageReporter()
+        yield MlflowStageReporter(run_id, settings.tracking.registered_model)
