@@ -58,3 +58,59 @@ def test_same_seed_gives_identical_losses(make_settings, prepared_bundled, tmp_p
         )
         runs.append(train(settings).step_losses)
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_mixed_precision_takes_only_known_values():
+    from pairtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'train.mixed_precision': no\\|fp16\\|bf16"):
+        TrainConfig(mixed_precision="fp8")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPUs only")
+def test_fp16_on_a_cpu_is_refused_rather_than_quietly_trained_in_fp32():
+    from pairtune.config import ConfigError
+    from pairtune.training import build_accelerator
+
+    with pytest.raises(ConfigError, match="fp16 needs a GPU; on a CPU use bf16 or no"):
+        build_accelerator(TrainConfig(mixed_precision="fp16"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks CPU autocast")
+def test_bf16_on_a_cpu_autocasts_after_an_fp32_accelerator_in_the_same_process():
+    """A sweep's next job (or a later test) may ask for bf16 once an fp32 run has set Accelerate's state."""
+    import torch
+
+    from pairtune.training import build_accelerator
+
+    build_accelerator(TrainConfig(mixed_precision="no")).end_training()
+    accelerator = build_accelerator(TrainConfig(mixed_precision="bf16"))
+    try:
+        with accelerator.autocast():
+            out = torch.nn.functional.linear(torch.randn(2, 8), torch.randn(4, 8))
+        assert (accelerator.mixed_precision, out.dtype) == ("bf16", torch.bfloat16)
+    finally:
+        accelerator.end_training()
+    fp32 = build_accelerator(TrainConfig(mixed_precision="no"))
+    assert fp32.mixed_precision == "no" and not fp32.native_amp
+
+
+@pytest.mark.slow
+def test_bf16_on_a_cpu_trains_two_steps_and_the_card_says_bf16(make_settings, prepared_bundled):
+    settings = make_settings(f"paths.prepared={prepared_bundled}", "train.max_steps=2", "train.epochs=1",
+                             "train.mixed_precision=bf16", "train.save_checkpoints=false", "train.eval_on_start=false")
+    result = train(settings)
+    assert result.global_step == 2 and all(0 < loss < 10 for loss in result.step_losses)
+    assert 0 < result.final_metrics["cosine_ndcg@10"] <= 1
+    card = (result.model_dir / "README.md").read_text()
+    assert "- `bf16`: True" in card and "- `fp16`: False" in card
+
+
+def test_the_fast_preset_switches_training_to_bf16_and_nothing_else(make_settings):
+    """experiment=fast is bf16 autocast at the seed card's recipe; the default stays the card's fp32."""
+    from dataclasses import asdict
+
+    default, fast = make_settings(), make_settings("experiment=fast")
+    assert (default.train.mixed_precision, fast.train.mixed_precision) == ("no", "bf16")
+    fast.train.mixed_precision = "no"
+    assert asdict(fast) == asdict(default)

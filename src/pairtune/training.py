@@ -25,7 +25,7 @@ from transformers import get_scheduler
 
 from pairtune.batching import TokenizedColumns, tokenize_columns
 from pairtune.checkpoint import Checkpoint, LoopState
-from pairtune.config import LossConfig, PairtuneConfig, TrainConfig
+from pairtune.config import ConfigError, LossConfig, PairtuneConfig, TrainConfig
 from pairtune.core import PRIMARY_METRIC, EpochRow, NonFiniteLossError, NullObserver, Observer, TrainResult
 from pairtune.data import Columns, load_prepared
 from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
@@ -70,16 +70,34 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
     """CPU when no GPU is present (gloo under torchrun), else the launcher's devices.
 
     Accumulation is done by the loop itself (it averages the window's gradients), so Accelerate must not
-    also divide the loss by the accumulation steps.
+    also divide the loss by the accumulation steps. On a CPU, bf16 is ``torch.autocast`` (the weights and
+    the optimizer stay fp32); fp16 is refused there, because Accelerate would quietly train in fp32.
     """
+    cpu = not torch.cuda.is_available()
+    if cpu and train.mixed_precision == "fp16":
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; on a CPU use bf16 or no")
+    forget_other_precision(train.mixed_precision)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=train.collective_timeout_minutes))
     project = ProjectConfiguration(save_on_each_node=not train.shared_filesystem)
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
         mixed_precision=train.mixed_precision,
         kwargs_handlers=[timeout],
         project_config=project,
     )
+
+
+def forget_other_precision(mixed_precision: str) -> None:
+    """Let this run choose its precision when an earlier run in the process chose another.
+
+    Accelerate keeps one precision per process and refuses a second; a sweep's next job or a test may ask
+    for bf16 after an fp32 run. Only the precision's shared state is dropped: the process group stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def build_sampler(frame, columns: Columns, train: TrainConfig, accelerator: Accelerator) -> GlobalBatchSampler:
