@@ -20,6 +20,15 @@ CONF = ROOT / "conf"
 BUNDLED = ROOT / "data" / "raw" / "pairs.jsonl"
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for test servers and rendezvous endpoints)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def compose_config(overrides: list[str] | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

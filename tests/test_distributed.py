@@ -15,7 +15,7 @@ from pairtune.batching import tokenize_columns
 from pairtune.losses import mnrl_loss, mnrl_scores
 from pairtune.modeling import load_model
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -129,14 +129,6 @@ def test_cached_mnrl_does_one_gradient_allreduce_per_step(tmp_path):
     # 16 rows per process in mini-batches of 4: 8 re-embedding passes, and still one all-reduce of the buckets
     assert counts["cached_mini4_sync"] == counts["plain_sync"]
     assert counts["cached_mini4_no_sync"] == 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_two_nodes(tmp_path, *args: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pairtune.tracking.registry import (
     log_model,
     promote,
 )
+
+from .conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,6 @@ def test_champion_moves_only_when_beaten_and_ties_keep_the_old_one(store):
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("registry").experiment_id) as bare:
         pass
     assert promote("pairtune", bare.info.run_id, 0.99) is None and version_of(CHAMPION) == better
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 240) -> None:

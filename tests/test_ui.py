@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from nbclient import NotebookClient
 
 from pairtune.core import OBJECTIVE
 
-from .conftest import BUNDLED, ROOT, compose_config
+from .conftest import BUNDLED, ROOT, compose_config, free_port
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 EXPERIMENT = "ui-check"
@@ -66,12 +65,6 @@ def trained_store(tmp_path_factory, prepared_bundled) -> Store:
     assert sorted(run.info.run_name for run in runs) == sorted(LEARNING_RATES)
     assert all(run.info.status == "FINISHED" and OBJECTIVE in run.data.metrics for run in runs)
     return Store(uri, runs[0].info.experiment_id, {run.info.run_name: run for run in runs})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
