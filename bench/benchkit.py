@@ -1,36 +1,30 @@
-"""What both bench runners share: offline settings, config composition, counting, the one-line JSON result.
+"""What every bench script shares: the script's start time, offline settings, the result file, small sums.
 
-Importing this module first forces the hub off (``HF_HUB_OFFLINE=1``) before transformers is imported.
+Light on purpose: it imports neither pairtune, Hydra nor torch, so the trainer's job pays only for what a
+trainer user imports. Importing it first records when the script began (after the interpreter started) and
+forces the hub off (``HF_HUB_OFFLINE=1``) before transformers is imported.
 """
 
 from __future__ import annotations
 
-import os
+import time
+
+SCRIPT_START = time.time()  # wall clock: comparable with the parent's spawn time and other processes
+
+import os  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the base model ships in a package; never reach for a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-
-from pairtune.config import PairtuneConfig, load_settings  # noqa: E402
-from pairtune.data import Columns  # noqa: E402
-from pairtune.entrypoint import quiet_third_party  # noqa: E402
-from pairtune.evaluation import (  # noqa: E402
-    build_evaluator,
-    evaluate_split,  # noqa: E402
-    run_evaluator,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -38,32 +32,37 @@ BUNDLED = ROOT / "data" / "raw" / "pairs.jsonl"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LENGTH = 256  # seed card
 BATCH_SIZE = 32  # seed card: per_device_train_batch_size (and the eval batch)
-COLUMNS = Columns("sentence_0", "sentence_1")
+COLUMNS = ("sentence_0", "sentence_1")  # anchor, positive: the prepared splits' columns
 
 log = logging.getLogger("bench")
 
 
 def setup_logging() -> None:
-    """Everything but the result line goes to stderr."""
+    """Everything but results goes to stderr; third-party chatter stays at warnings."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    quiet_third_party()
+    for name in (
+        "transformers",
+        "sentence_transformers",
+        "accelerate",
+        "httpx",
+        "urllib3",
+        "huggingface_hub",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments both whole-job runners take."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--prepared", type=Path, required=True, help="folder with train/eval/test.parquet")
-    parser.add_argument("--epochs", type=int, default=2, help="num_train_epochs (default 2)")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="folder for the saved model and other outputs"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="num_train_epochs (default 5)")
     parser.add_argument("--max-steps", type=int, default=-1, help="> 0 stops early (default -1: off)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON line to this file")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    parser.add_argument("--out", type=Path, required=True, help="write the JSON result here")
     return parser
-
-
-def compose_settings(overrides: list[str]) -> PairtuneConfig:
-    """Compose conf/ as tests/conftest.py does, then validate it into typed settings."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return load_settings(cfg)
 
 
 def pairs_processed(n_rows: int, batch_size: int, steps: int) -> int:
@@ -73,37 +72,26 @@ def pairs_processed(n_rows: int, batch_size: int, steps: int) -> int:
     return full_epochs * n_rows + min(rest * batch_size, n_rows)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """Write the result as one JSON line (atomically: the parent never reads half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp")
+    staging.write_text(json.dumps(result, sort_keys=True) + "\n", encoding="utf-8")
+    staging.replace(out)
 
 
-def eval_metrics(model, frame) -> dict[str, float]:
-    """NDCG@10 and MRR@10 on the eval split, with the evaluator pairtune's loop uses."""
-    metrics = run_evaluator(build_evaluator(frame, COLUMNS, name="eval", batch_size=BATCH_SIZE), model)
-    return {"eval_ndcg_at_10": metrics["cosine_ndcg@10"], "eval_mrr_at_10": metrics["cosine_mrr@10"]}
+def read_result(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_metrics(model, frame) -> dict[str, float]:
-    """MRR@10 and NDCG@10 on the test split, as the evaluate stage computes them."""
-    metrics = evaluate_split(model, frame, COLUMNS, batch_size=BATCH_SIZE)
-    return {"test_mrr_at_10": metrics["cosine_mrr_at_10"], "test_ndcg_at_10": metrics["cosine_ndcg_at_10"]}
+def compose_settings(overrides: list[str]):
+    """Compose conf/ as tests/conftest.py does and validate it into pairtune's typed settings."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    from pairtune.config import load_settings
 
-def throughput(pairs: int, **seconds: float) -> dict[str, float]:
-    """``pairs_per_second<_suffix>`` for each named duration (``train=...`` gives plain ``pairs_per_second``)."""
-    rates = {}
-    for name, value in seconds.items():
-        key = "pairs_per_second" if name == "train" else f"pairs_per_second_{name}"
-        rates[key] = pairs / value if value > 0 else 0.0
-    return rates
-
-
-def emit(result: dict[str, Any], out: Path | None) -> None:
-    """Print the result as one JSON line on stdout and, if asked, write it to ``out`` (atomically)."""
-    line = json.dumps(result, sort_keys=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.with_name(f".{out.name}.tmp")
-        staging.write_text(line + "\n", encoding="utf-8")
-        staging.replace(out)
-    print(line, flush=True)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_settings(cfg)

@@ -1,166 +1,208 @@
-"""pairtune's own Accelerate loop (``pairtune.training.train``) on the seed card's recipe, for the bench.
+"""pairtune's whole job as a user runs it: ``pipelines/train.py <overrides>``, in this process, unchanged.
 
-conf/'s defaults already are the seed card (batch 32, lr 5e-5 linear, seed 42, MNRL scale 20 cosine); this
-runs them with checkpoints off and every output in a temporary folder, then prints one JSON line on stdout.
-``train_seconds`` is ``TrainResult.train_seconds`` (optimizer steps only); ``wall_seconds`` is the whole
-``train()`` call (model load, tokenisation, the evaluations, saving the model and its card) inside
-``pairtune.tracking.tracked_run`` when the checkout has it, as ``pipelines/train.py`` runs it, so that
-``--tracking`` costs what a tracked run costs (opening the run, per-step metrics, logging the model).
+The script runs through ``runpy`` with the same argv it would get from the shell. The only addition is a
+listener between the loop and the run's observer (``pairtune.tracking.tracked_run`` yields it; tracking off
+yields a no-op one): it forwards every call and notes the time, which gives the phases of the job without
+touching pairtune. ``pairtune.tracking`` is light (no torch, no MLflow) and the script imports it first thing
+anyway, so importing it here first changes nothing the job pays for. The timings go to ``--out``; the bench
+times the process from outside (interpreter start included).
 """
 
 from __future__ import annotations
 
-import benchkit  # first: it forces the hub off before transformers is imported
+import benchkit  # first: the script's start time; forces the hub off before transformers is imported
 
 # isort: split
 import contextlib
-import logging
+import runpy
 import sys
-import tempfile
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
+import pairtune.tracking
 
-from pairtune.config import PairtuneConfig, to_plain_dict
-from pairtune.modeling import load_model
-from pairtune.training import TrainResult, train
-
-log = logging.getLogger("bench.pairtune")
+SCRIPT = benchkit.ROOT / "pipelines" / "train.py"
 
 
-def build_overrides(
-    prepared: Path, work: Path, *, epochs: int, max_steps: int, tracking: bool, store: str | None = None
-) -> list[str]:
-    """Outputs under ``work``, no checkpoints; tracking off, or on against ``store`` (else a throwaway one)."""
+class Listener:
+    """Forwards the loop's reports to the run's observer; notes when they came and how long the observer took."""
+
+    def __init__(self, observer) -> None:
+        self.observer = observer
+        self.observer_seconds = 0.0  # inside the run's observer: per-step metrics, evaluations, model logging
+        self.observer_end_seconds = 0.0  # of which on_train_end (logging the model when tracking is on)
+        self.eval_seconds: list[float] = []
+        self.eval_metrics: list[dict[str, float]] = []
+        self.marks: dict[str, float] = {}
+        self.save_seconds = 0.0
+        self.threads: int | None = None
+        self.result: Any = None
+        self._mark = time.perf_counter()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.observer.run_id
+
+    def _forward(self, name: str, *args) -> None:
+        started = time.perf_counter()
+        getattr(self.observer, name)(*args)
+        took = time.perf_counter() - started
+        self.observer_seconds += took
+        if name == "on_train_end":
+            self.observer_end_seconds = took
+        self._mark = time.perf_counter()
+
+    def on_train_start(self, context: dict[str, Any]) -> None:
+        self.marks["train_start"] = time.time()
+        self.threads = sys.modules["torch"].get_num_threads()  # inside train(): the count the loop uses
+        self._forward("on_train_start", context)
+
+    def on_resume(self, step: int) -> None:
+        self._forward("on_resume", step)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._forward("on_step", step, metrics)
+
+    def on_evaluate(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
+        # The evaluation ran since the previous report: the step-0 one after on_train_start, the others after
+        # their epoch's last on_step.
+        self.eval_seconds.append(time.perf_counter() - self._mark)
+        self.eval_metrics.append(dict(metrics))
+        self._forward("on_evaluate", step, epoch, metrics)
+
+    def on_train_end(self, result) -> None:
+        self.marks["model_saved"] = time.time()  # train() calls this once the model and its card are written
+        self.save_seconds = time.perf_counter() - self._mark
+        self.result = result
+        self._forward("on_train_end", result)
+
+
+class Seam:
+    """Wraps ``pairtune.tracking.tracked_run``: hands the loop a :class:`Listener`, times opening and closing."""
+
+    def __init__(self, tracked_run) -> None:
+        self.tracked_run = tracked_run
+        self.listener: Listener | None = None
+        self.open_seconds = self.close_seconds = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, *args, **kwargs) -> Iterator[Listener]:
+        started = time.perf_counter()
+        context = self.tracked_run(*args, **kwargs)
+        observer = context.__enter__()
+        self.open_seconds = time.perf_counter() - started
+        self.listener = Listener(observer)
+        try:
+            yield self.listener
+        except BaseException:  # handed to the run's context, as a `with` statement would
+            if not context.__exit__(*sys.exc_info()):
+                raise
+        else:
+            started = time.perf_counter()
+            context.__exit__(None, None, None)
+            self.close_seconds = time.perf_counter() - started
+
+
+def run_script(overrides: list[str], hydra_dir: Path) -> int:
+    """``python pipelines/train.py <overrides>`` in this process; its exit status."""
+    sys.argv = [str(SCRIPT), *overrides, f"hydra.run.dir={hydra_dir}"]
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    return 0
+
+
+def summary(seam: Seam, args) -> dict[str, Any]:
+    """The listener's notes as the bench's result."""
+    listener = seam.listener
+    result = listener.result
+    final = listener.eval_metrics[-1] if listener.eval_metrics else {}
+    return {
+        "system": "pairtune",
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "precision": precision(args),
+        "overrides": args.extra,
+        "tracking": args.tracking_uri is not None,
+        "run_id": listener.run_id,
+        "threads": listener.threads,
+        "steps": result.global_step,
+        "timed_steps": len(result.step_losses),
+        "step_seconds": result.train_seconds,
+        "global_batch_size": result.global_batch_size,
+        "loop_pairs_per_second": result.pairs_per_second,
+        "eval_seconds": listener.eval_seconds,
+        "save_seconds": listener.save_seconds,
+        "observer_seconds": listener.observer_seconds,
+        "observer_end_seconds": listener.observer_end_seconds,
+        "open_seconds": seam.open_seconds,
+        "close_seconds": seam.close_seconds,
+        "marks": {**listener.marks, "script_start": benchkit.SCRIPT_START},
+        "eval_ndcg_at_10": final.get("cosine_ndcg@10"),
+        "eval_mrr_at_10": final.get("cosine_mrr@10"),
+        "eval_ndcg_at_10_first": listener.eval_metrics[0].get("cosine_ndcg@10")
+        if listener.eval_metrics
+        else None,
+        "first_loss": result.step_losses[0] if result.step_losses else None,
+        "last_loss": result.step_losses[-1] if result.step_losses else None,
+        "model_dir": str(result.model_dir),
+    }
+
+
+def precision(args) -> str:
+    """The precision the job trained in, from the config it composed (a preset may have set it)."""
+    from omegaconf import OmegaConf
+
+    composed = OmegaConf.load(args.work.resolve() / "hydra" / ".hydra" / "config.yaml")
+    return "bf16" if composed.train.mixed_precision == "bf16" else "fp32"
+
+
+def overrides_for(args) -> list[str]:
+    """Outputs under ``--work``, no checkpoints (the trainer saves none either); tracking off or into a store."""
+    work = args.work.resolve()
     overrides = [
-        f"paths.prepared={prepared.resolve()}",
+        f"paths.prepared={args.prepared.resolve()}",
         f"paths.model={work}/model",
         f"paths.checkpoints={work}/checkpoints",
         f"paths.reports={work}/reports",
-        f"paths.onnx={work}/onnx",
-        f"data.source={benchkit.BUNDLED}",
-        f"train.epochs={epochs}",
-        f"train.max_steps={max_steps}",
+        f"train.epochs={args.epochs}",
+        f"train.max_steps={args.max_steps}",
         "train.save_checkpoints=false",
-        f"tracking.enabled={str(tracking).lower()}",
+        f"tracking.enabled={str(args.tracking_uri is not None).lower()}",
     ]
-    if tracking:
-        overrides.append(f"tracking.uri={store or f'sqlite:///{work}/mlflow.db'}")
-    return overrides
-
-
-def tracking_seam(settings: PairtuneConfig, overrides: list[str]) -> tuple[str, AbstractContextManager]:
-    """pipelines/train.py's seam when the checkout has it: ``tracked_run`` yields the observer (no-op when off)."""
-    try:
-        from pairtune.tracking import tracked_run
-    except ImportError:  # the tracking feature is not in this checkout
-        return "none", contextlib.nullcontext(None)
-    return "tracked_run", tracked_run(settings, config=to_plain_dict(settings), overrides=overrides)
-
-
-def timed_train(overrides: list[str]) -> tuple[TrainResult, float, str, str | None]:
-    """Train inside the tracking seam; the wall time covers opening and closing the run as well.
-
-    Also returns the tracked run's id (None when nothing was tracked).
-    """
-    settings = benchkit.compose_settings(overrides)
-    seam, context = tracking_seam(settings, overrides)
-    started = time.perf_counter()
-    with context as observer:
-        result = train(settings, observer=observer)
-    return result, time.perf_counter() - started, seam, getattr(observer, "run_id", None)
-
-
-def summarise(result: TrainResult, wall: float, pairs: int) -> dict[str, Any]:
-    """Timings and the loop's own metrics: the final row is the eval split after the last step."""
-    final = result.final_metrics
-    return {
-        "steps": result.global_step,
-        "pairs": pairs,
-        "train_seconds": result.train_seconds,
-        "step_seconds": result.train_seconds,
-        "wall_seconds": wall,
-        **benchkit.throughput(pairs, train=result.train_seconds, steps=result.train_seconds, wall=wall),
-        "loop_pairs_per_second": result.pairs_per_second,  # pairtune's own count, for a cross-check
-        "eval_ndcg_at_10": final.get("cosine_ndcg@10"),
-        "eval_mrr_at_10": final.get("cosine_mrr@10"),
-        "first_loss": result.step_losses[0] if result.step_losses else None,
-        "last_loss": result.step_losses[-1] if result.step_losses else None,
-        "step_losses": result.step_losses,
-    }
-
-
-def run(
-    prepared: Path, *, epochs: int, max_steps: int, tracking: bool, store: str | None, extra: list[str]
-) -> dict[str, Any]:
-    test = pd.read_parquet(prepared / "test.parquet")
-    n_train = len(pd.read_parquet(prepared / "train.parquet"))
-    with tempfile.TemporaryDirectory(prefix="bench-pairtune-") as folder:
-        work = Path(folder)
-        overrides = build_overrides(
-            prepared, work, epochs=epochs, max_steps=max_steps, tracking=tracking, store=store
-        )
-        result, wall, seam, run_id = timed_train(overrides + extra)
-        store_written = run_id is not None  # a shared store exists beforehand: only a run id proves logging
-        summary = summarise(
-            result, wall, benchkit.pairs_processed(n_train, result.global_batch_size, result.global_step)
-        )
-        log.info(
-            "trained %d steps, %d pairs in %.1f s (train() %.1f s)",
-            result.global_step,
-            summary["pairs"],
-            result.train_seconds,
-            wall,
-        )
-        model = load_model(str(result.model_dir), max_seq_length=benchkit.MAX_SEQ_LENGTH)
-        test_scores = benchkit.test_metrics(model, test)
-    return {
-        "system": "pairtune",
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "tracking": tracking,
-        "tracking_seam": seam,
-        "tracking_store_written": store_written,
-        "overrides": extra,
-        "threads": torch.get_num_threads(),
-        **summary,
-        **test_scores,
-        "peak_rss_mb": benchkit.peak_rss_mb(),
-    }
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.precision == "bf16":
+        overrides.append("train.mixed_precision=bf16")
+    return overrides + args.extra
 
 
 def main() -> int:
-    parser = benchkit.common_parser(__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tracking", action="store_true", help="tracking.enabled=true with a temporary store"
-    )
-    parser.add_argument(
-        "--tracking-uri", default=None, help="with --tracking: log to this existing store instead"
-    )
+    parser = benchkit.job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=None, help="tracking on, into this (existing) store")
     parser.add_argument(
         "--set",
         dest="extra",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="an extra Hydra override, e.g. train.num_threads=2 (repeatable)",
+        metavar="OVERRIDE",
+        help="an extra override for pipelines/train.py, e.g. experiment=fast (repeatable)",
     )
     args = parser.parse_args()
-    benchkit.setup_logging()
-    with contextlib.redirect_stdout(sys.stderr):
-        result = run(
-            args.prepared,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            tracking=args.tracking,
-            store=args.tracking_uri,
-            extra=args.extra,
+    seam = Seam(pairtune.tracking.tracked_run)
+    pairtune.tracking.tracked_run = seam  # pipelines/train.py takes it from here when it is run below
+    status = run_script(overrides_for(args), args.work.resolve() / "hydra")
+    if status != 0:
+        return status
+    if seam.listener is None or seam.listener.result is None:
+        print(
+            "bench: pipelines/train.py did not train through pairtune.tracking.tracked_run", file=sys.stderr
         )
-    benchkit.emit(result, args.out)
+        return 1
+    benchkit.write_result(summary(seam, args), args.out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Synthetic (note -> sentence) pairs in the shorthand notation, any number of them, all unique.
 
-    python bench/synth.py 1000000 /tmp/pairs-1m.parquet
+    python bench/synth.py 1000000 pairs-1m.parquet
 
 Each pair combines a subject, an action, an object, a place and a time, and optionally a degree,
 negation, question or urgency operator; a fixed-width code derived from the row number keeps every note and
