@@ -84,12 +84,9 @@ print(json.dumps({"steps_per_second": steps_per_second, "pairs_per_second": resu
 """
 
 
-def train_rate(prepared: Path, work: Path, *overrides: str) -> tuple[dict, float]:
-    args = [
-        sys.executable,
-        "-c",
-        TRAIN_SNIPPET,
-        str(ROOT / "conf"),
+def short_run_overrides(prepared, work) -> list[str]:
+    """One untracked epoch without step-0 evaluation or checkpoints, outputs under ``work``: what both timed runs share."""
+    return [
         f"paths.prepared={prepared}",
         f"paths.model={work}/model",
         f"paths.checkpoints={work}/ckpt",
@@ -97,6 +94,16 @@ def train_rate(prepared: Path, work: Path, *overrides: str) -> tuple[dict, float
         "train.save_checkpoints=false",
         "tracking.enabled=false",
         "train.epochs=1",
+    ]
+
+
+def train_rate(prepared: Path, work: Path, *overrides: str) -> tuple[dict, float]:
+    args = [
+        sys.executable,
+        "-c",
+        TRAIN_SNIPPET,
+        str(ROOT / "conf"),
+        *short_run_overrides(prepared, work),
         *overrides,
     ]
     _, peak, stdout = run_child(args)
@@ -171,13 +178,7 @@ def train_timings(prepared: Path, work: Path, steps: int) -> dict[str, float]:
 
     settings = benchkit.compose_settings(
         [
-            f"paths.prepared={prepared}",
-            f"paths.model={work}/model",
-            f"paths.checkpoints={work}/ckpt",
-            "train.eval_on_start=false",
-            "train.save_checkpoints=false",
-            "tracking.enabled=false",
-            "train.epochs=1",
+            *short_run_overrides(prepared, work),
             f"train.max_steps={steps}",
             "train.eval_max_rows=50",
         ]
