@@ -18,6 +18,7 @@ from pairtune.entrypoint import (
     quiet_third_party,
     resume_hint,
 )
+from pairtune.mining import apply_mined_negatives
 from pairtune.progress import with_progress
 from pairtune.signals import TrainingInterrupted, graceful_stop
 from pairtune.tracking import hydra_overrides, is_main_process, sweep_parent_run_id, tracked_run
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> float:
     quiet_third_party()
     settings = isolate_outputs(load_settings(cfg), "model", "checkpoints", "reports")
     check_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
+    apply_mined_negatives(settings)  # the mine stage's output names its negative column in mining.json
     checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
     resume_run = checkpoint.resumable_run_id() if settings.train.resume else None
     from pairtune.reports import write_training_plots

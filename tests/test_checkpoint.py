@@ -124,9 +124,9 @@ def test_every_checkpoint_of_a_real_run_holds_the_resume_invariants(make_setting
     saved: list[dict] = []
     real_save = checkpoint_module.Checkpoint.save
 
-    def spy(self, accelerator, state, *, run_id):
+    def spy(self, accelerator, state, *, run_id, extra=None):
         saved.append(json.loads(json.dumps(state.to_json())))
-        return real_save(self, accelerator, state, run_id=run_id)
+        return real_save(self, accelerator, state, run_id=run_id, extra=extra)
 
     checkpoint_module.Checkpoint.save = spy
     try:

@@ -37,8 +37,10 @@ def test_committed_params_yaml_is_conf_composed():
 
 def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """A command in ``repo`` as a user runs it: the venv first on PATH, HOME beside the repositories
-    (so the default DVC remote, ``~/.cache/pairtune/dvc-remote``, is this test's own)."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HOME": str(repo.parent / "home")}
+    (so the default DVC remote, ``~/.cache/pairtune/dvc-remote``, is this test's own) and the copy's
+    ``src`` first on the import path, so its stages run the code its dvc.lock records."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HOME": str(repo.parent / "home"),
+           "PYTHONPATH": str(repo / "src")}  # the copy's own code, not the editable install's
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
@@ -65,7 +67,8 @@ def repo(tmp_path_factory) -> Path:
         (copy / "conf/tracking/mlflow.yaml").read_text().replace("log_model: true", "log_model: false")
     )
     (copy / "params.yaml").write_text(compose_params(copy / "conf"))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+    for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
+                    ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         run(copy, *command)
     run(copy, "dvc", "repro")
@@ -196,3 +199,16 @@ def test_exp_run_changes_params_and_reruns_only_downstream(repo):
     assert last.data.tags.get("dvc.baseline_rev") == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
     table = run(repo, "dvc", "exp", "show", "--json").stdout
     assert "fast-lr" in table and last.info.run_id in table  # the experiment lists its MLflow run
+
+
+@pytest.mark.slow
+def test_mining_on_is_one_exp_run_that_reruns_mine_and_downstream_only(repo):
+    # Given the pipeline with mining off (the mine stage a plain copy), When a user turns it on for one experiment
+    out = run(repo, "dvc", "exp", "run", "-S", "mining.enabled=true", "-n", "mined").stdout
+    # Then prepare is untouched, and train learns from the mined column the mine stage wrote
+    assert stages_run(out) == {"mine", "train", "evaluate", "export"}, out
+    record = json.loads((repo / "data/mined/mining.json").read_text())
+    assert record["enabled"] is True and record["negative_column"] == "negative" and record["mined"] > 0
+    last = runs(repo)[-1]
+    assert last.data.params["data.negative_column"] == "negative" and last.data.params["mining.enabled"] == "True"
+    assert last.data.params["paths.prepared"] == "data/mined" and last.data.tags.get("dvc.experiment") == "mined"

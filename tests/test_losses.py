@@ -21,6 +21,20 @@ def test_mnrl_matches_a_hand_computation():
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
 
 
+def test_symmetric_mnrl_averages_the_reverse_task_and_ignores_negatives_there():
+    # Given the hand example above: scores (2.0, 1.2 / 0.0, 1.6); columns transposed for the reverse task
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    negatives = torch.tensor([[0.0, -1.0], [-1.0, 0.0]])
+    # When
+    loss = mnrl_loss(anchors, [positives, negatives], scale=2.0, similarity="cosine", gather=False, symmetric=True)
+    forward = mnrl_loss(anchors, [positives, negatives], scale=2.0, similarity="cosine", gather=False)
+    # Then: positive 0 scores anchors (2.0, 0.0), label 0; positive 1 scores (1.2, 1.6), label 1
+    back0 = -2.0 + math.log(math.exp(2.0) + math.exp(0.0))
+    back1 = -1.6 + math.log(math.exp(1.2) + math.exp(1.6))
+    assert loss.item() == pytest.approx((forward.item() + (back0 + back1) / 2) / 2, rel=1e-6)
+
+
 def test_hard_negatives_join_the_candidates():
     anchors, positives, negatives = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
     scores, labels = mnrl_scores(anchors, [positives, negatives], scale=20.0, similarity="cosine", gather=False)

@@ -51,6 +51,7 @@ TRAINER_DEFAULTS = {
     "bf16": False,
     "fp16": False,
     "dataloader_drop_last": False,
+    "load_best_model_at_end": False,
     "batch_sampler": "batch_sampler",
 }
 
@@ -122,6 +123,7 @@ def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, 
         "bf16": train.mixed_precision == "bf16",
         "fp16": train.mixed_precision == "fp16",
         "dataloader_drop_last": train.drop_last,
+        "load_best_model_at_end": train.select_best,
         "batch_sampler": "no_duplicates" if train.batch_sampler == "no_duplicates" else "batch_sampler",
         "world_size": result.world_size,
         "global_batch_size": result.global_batch_size,
@@ -130,10 +132,11 @@ def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, 
     }
 
 
-def logs_table(rows: list[EpochRow]) -> list[str]:
+def logs_table(rows: list[EpochRow], selected_step: int | None = None) -> list[str]:
     """``Epoch | Step | Training Loss | eval metrics`` with the step-0 base row first, '-' where empty.
 
     One function for the card's Training Logs and the tracker's ``training_logs.md``, so the two agree.
+    With ``selected_step`` (train.select_best) that row is bold and a note says so, as the trainer's cards do.
     """
     header = ["Epoch", "Step", "Training Loss", *(f"eval_{m}" for m in CARD_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":-----:" for _ in header) + "|"]
@@ -141,7 +144,11 @@ def logs_table(rows: list[EpochRow]) -> list[str]:
         loss = "-" if row.training_loss is None else f"{row.training_loss:.4f}"
         cells = [f"{row.epoch:.1f}" if float(row.epoch).is_integer() else f"{row.epoch}", str(row.step), loss]
         cells += [f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in CARD_METRICS]
+        if row.step == selected_step:
+            cells = [f"**{cell}**" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
+    if selected_step is not None:
+        lines += ["", "* The bold row denotes the saved checkpoint."]
     return lines
 
 
@@ -171,7 +178,7 @@ def card_context(
             k: str(v) for k, v in hparams.items() if k in TRAINER_DEFAULTS and TRAINER_DEFAULTS[k] != v
         },
         hyperparameters={k: str(v) for k, v in hparams.items()},
-        training_logs=logs_table(result.rows),
+        training_logs=logs_table(result.rows, result.selected_step),
         global_step=result.global_step,
         epoch_steps=list(result.epoch_steps),
         world_size=result.world_size,
@@ -217,7 +224,8 @@ def _loss_fields(settings: PairtuneConfig, result: TrainResult) -> dict[str, Any
     }
     if loss.mini_batch_size is not None:
         params["mini_batch_size"] = loss.mini_batch_size
-    name = "CachedMultipleNegativesRankingLoss" if loss.mini_batch_size else "MultipleNegativesRankingLoss"
+    kind = "MultipleNegativesSymmetricRankingLoss" if loss.symmetric else "MultipleNegativesRankingLoss"
+    name = f"Cached{kind}" if loss.mini_batch_size else kind
     return {"loss_name": name, "loss_params": params}
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 SHAPING_TRAIN_KEYS = (
     "epochs", "batch_size", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "scheduler",
     "warmup_steps", "max_grad_norm", "seed", "max_steps", "gradient_accumulation_steps", "mixed_precision",
-    "batch_sampler", "drop_last", "eval_max_rows",
+    "batch_sampler", "drop_last", "eval_max_rows", "select_best",
 )
 
 
@@ -142,8 +143,13 @@ class Checkpoint:
                 "train.resume=false starts a new run"
             )
 
-    def save(self, accelerator, state: LoopState, *, run_id: str | None) -> Path:
-        """Write ``step-<state.step>`` beside and rename it into place, then rotate (all processes call)."""
+    def save(
+        self, accelerator, state: LoopState, *, run_id: str | None, extra: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Write ``step-<state.step>`` beside and rename it into place, then rotate (all processes call).
+
+        ``extra`` writes the main process's own files into the folder before it is renamed into place.
+        """
         target = self.folder / f"step-{state.step:06d}"
         staging = self.folder / f".step-{state.step:06d}.tmp"
         if self._writes(accelerator):
@@ -153,6 +159,8 @@ class Checkpoint:
         accelerator.wait_for_everyone()
         if self._writes(accelerator):
             meta = {"state": state.to_json(), "mlflow_run_id": run_id, "fingerprint": self.fingerprint}
+            if extra is not None and accelerator.is_main_process:
+                extra(staging)
             (staging / STATE_FILE).write_text(json.dumps(meta) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)

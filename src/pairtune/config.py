@@ -74,6 +74,7 @@ class LossConfig:
     similarity: str = "cosine"  # cosine | dot
     mini_batch_size: int | None = None  # set = cached MNRL (GradCache) with this mini-batch
     gather_across_devices: bool = False
+    symmetric: bool = False  # also each positive picks its anchor among the batch's anchors (MNSRL), averaged
 
     def __post_init__(self) -> None:
         _require(self.scale > 0, "loss.scale", "must be > 0")
@@ -103,6 +104,7 @@ class TrainConfig:
     batch_sampler: str = "random"  # random | no_duplicates
     drop_last: bool = False
     eval_on_start: bool = True  # the step-0 row of the card: the base model's scores
+    select_best: bool = False  # save the weights of the best eval MRR@10 (step 0 included), not the last step's
     save_checkpoints: bool = True  # one per epoch end
     checkpoint_every_steps: int | None = None  # also every N optimizer steps, mid-epoch
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps, mid-epoch
@@ -137,8 +139,36 @@ class TrainConfig:
 
 
 @dataclass
+class MiningConfig:
+    """The ``mine`` stage (pairtune.mining): one hard negative per training pair, off by default."""
+
+    enabled: bool = False
+    negative_column: str = "negative"  # the mined column's name; mining.json tells training to use it
+    relative_margin: float = 0.05  # keep a candidate only if it scores <= positive - margin x |positive|
+    range_min: int = 0  # skip this many of each note's closest candidates
+    range_max: int = 50  # look this deep in each note's ranking
+    sampling_strategy: str = "top"  # top | random
+    on_missing: str = "random"  # a pair no candidate passes for: random (seeded train sentence) | drop
+    batch_size: int = 64  # encoding batch
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _require(bool(self.negative_column), "mining.negative_column", "must not be empty")
+        _require(0.0 <= self.relative_margin < 1.0, "mining.relative_margin", "must be in [0, 1)")
+        _require(self.range_min >= 0, "mining.range_min", "must be >= 0")
+        _require(
+            self.range_max > self.range_min, "mining.range_max", f"must be > mining.range_min ({self.range_min})"
+        )
+        _require(self.sampling_strategy in ("top", "random"), "mining.sampling_strategy", "top|random")
+        _require(self.on_missing in ("random", "drop"), "mining.on_missing", "random|drop")
+        _require(self.batch_size > 0, "mining.batch_size", "must be > 0")
+
+
+@dataclass
 class PathsConfig:
     prepared: str = "data/prepared"
+    mined: str = "data/mined"  # the mine stage's output: the prepared splits, train with mined negatives
+    mining_cache: str = ".cache/mining"  # base-model embeddings, keyed by the model's weights
     model: str = "models/trained"
     checkpoints: str = "checkpoints"
     reports: str = "reports"
@@ -180,8 +210,14 @@ class PairtuneConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.mining.negative_column not in (self.data.anchor_column, self.data.positive_column),
+            "mining.negative_column",
+            "must differ from data.anchor_column and data.positive_column",
+        )
         if self.loss.mini_batch_size is not None:
             _require(
                 self.loss.mini_batch_size <= self.train.batch_size,

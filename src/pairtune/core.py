@@ -87,9 +87,14 @@ class TrainResult:
     train_seconds: float
     pairs_per_second: float
     similarity: str = "cosine"
+    selected_step: int | None = None  # train.select_best: the step whose weights were saved
 
     @property
     def final_metrics(self) -> dict[str, float]:
+        """The eval metrics of the saved model: the selected step's row, else the last row."""
+        for row in self.rows:
+            if self.selected_step is not None and row.step == self.selected_step:
+                return row.metrics
         return self.rows[-1].metrics if self.rows else {}
 
     @property

@@ -82,10 +82,26 @@ def mnrl_scores(
     return scores, labels
 
 
-def mnrl_loss(anchors: Tensor, columns: Sequence[Tensor], *, scale: float, similarity: str, gather: bool) -> Tensor:
-    """Cross-entropy of each anchor over all candidates, its own positive being the right answer."""
+def mnrl_loss(
+    anchors: Tensor,
+    columns: Sequence[Tensor],
+    *,
+    scale: float,
+    similarity: str,
+    gather: bool,
+    symmetric: bool = False,
+) -> Tensor:
+    """Cross-entropy of each anchor over all candidates, its own positive being the right answer.
+
+    ``symmetric`` (sentence-transformers' MultipleNegativesSymmetricRankingLoss) averages it with the
+    reverse task: each positive picks its own anchor among the batch's anchors (negatives take no part).
+    """
     scores, labels = mnrl_scores(anchors, columns, scale=scale, similarity=similarity, gather=gather)
-    return F.cross_entropy(scores, labels)
+    loss = F.cross_entropy(scores, labels)
+    if symmetric:
+        back, back_labels = mnrl_scores(columns[0], [anchors], scale=scale, similarity=similarity, gather=gather)
+        loss = (loss + F.cross_entropy(back, back_labels)) / 2
+    return loss
 
 
 Embedder = Callable[[Features], Tensor]
@@ -124,6 +140,7 @@ def cached_mnrl_step(
     scale: float,
     similarity: str,
     gather: bool,
+    symmetric: bool = False,
     backward: Callable[[Tensor], None],
     sync: Callable[[bool], AbstractContextManager] = lambda is_last: nullcontext(),
 ) -> Tensor:
@@ -136,7 +153,7 @@ def cached_mnrl_step(
     (DDP decides at forward time whether the next backward syncs).
     """
     plan, reps = embed_without_graph(embed, batches, mini_batch_size)
-    loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather)
+    loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather, symmetric=symmetric)
     loss.backward()
     for index, (column, start, stop, rng) in enumerate(plan):
         with sync(index == len(plan) - 1), rng:

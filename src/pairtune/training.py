@@ -33,6 +33,7 @@ from pairtune.files import write_atomic_dir
 from pairtune.losses import cached_mnrl_step, mnrl_loss
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+from pairtune.selection import BestWeights
 from pairtune.signals import STOP, TrainingInterrupted
 from pairtune.unpad import UnpaddedEncoder, supports_unpadding
 
@@ -150,12 +151,13 @@ def compute_loss_and_backward(
     if loss.mini_batch_size is None:
         with sync_context():
             embeddings = [embed(features) for features in batches]
-            value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity, gather=gather)
+            value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity,
+                              gather=gather, symmetric=loss.symmetric)
             accelerator.backward(value)
         return value.detach()
     return cached_mnrl_step(
         embed, batches, mini_batch_size=loss.mini_batch_size, scale=loss.scale, similarity=loss.similarity,
-        gather=gather, backward=accelerator.backward, sync=sync_context,
+        gather=gather, symmetric=loss.symmetric, backward=accelerator.backward, sync=sync_context,
     )
 
 
@@ -214,6 +216,11 @@ class TrainingContext:
     evaluator: Any
     checkpoint: Checkpoint
     report: dict[str, Any]  # what the tracker logs as ``run.*`` params at the start
+    best: BestWeights | None = None  # train.select_best, main process only
+
+    def save_checkpoint(self, state: LoopState, run_id: str | None) -> None:
+        extra = self.best.save if self.best is not None else None
+        self.checkpoint.save(self.accelerator, state, run_id=run_id, extra=extra)
 
 
 @contextmanager
@@ -251,8 +258,9 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     evaluator = build_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size)
     checkpoint = Checkpoint.for_run(settings, world_size=accelerator.num_processes)
     report = run_report(schedule, sampler, accelerator, train_rows=len(frame), eval_rows=len(eval_frame))
+    best = BestWeights() if train_cfg.select_best and accelerator.is_main_process else None
     return TrainingContext(train_cfg, settings.loss, accelerator, model, optimizer, scheduler, sampler, schedule,
-                           tokens, evaluator, checkpoint, report)
+                           tokens, evaluator, checkpoint, report, best)
 
 
 def run_report(schedule: Schedule, sampler, accelerator: Accelerator, **rows: int) -> dict[str, Any]:
@@ -312,14 +320,14 @@ def after_step(ctx: TrainingContext, state: LoopState, observer: Observer, *, ep
     train = ctx.train
     if stop_requested(ctx.accelerator):
         if train.save_checkpoints:
-            ctx.checkpoint.save(ctx.accelerator, state, run_id=observer.run_id)
+            ctx.save_checkpoint(state, observer.run_id)
         raise TrainingInterrupted(STOP.signum, state.step)
     if boundary:
         return
     if train.eval_every_steps and state.step % train.eval_every_steps == 0:
         record_evaluation(ctx, state, observer, epoch=epoch)
     if train.save_checkpoints and train.checkpoint_every_steps and state.step % train.checkpoint_every_steps == 0:
-        ctx.checkpoint.save(ctx.accelerator, state, run_id=observer.run_id)
+        ctx.save_checkpoint(state, observer.run_id)
 
 
 def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Observer) -> float:
@@ -370,6 +378,8 @@ def record_evaluation(ctx: TrainingContext, state: LoopState, observer: Observer
     losses = state.step_losses[since : state.step]
     loss = sum(losses) / len(losses) if losses else None
     state.rows.append(EpochRow(epoch=epoch, step=state.step, training_loss=loss, metrics=metrics))
+    if ctx.best is not None:
+        ctx.best.offer(sentence_model(ctx.accelerator, ctx.model), state.step, metrics[PRIMARY_METRIC])
     if ctx.accelerator.is_main_process:
         log.info("epoch %s step %s: %s %.4f", epoch, state.step, PRIMARY_METRIC, metrics[PRIMARY_METRIC])
         observer.on_evaluate(state.step, epoch, metrics)
@@ -383,6 +393,8 @@ def start_state(ctx: TrainingContext, observer: Observer) -> LoopState:
         log.warning("train.resume=true but no checkpoint in %s: starting from scratch", ctx.checkpoint.folder)
     if resume_from:
         state = ctx.checkpoint.restore(accelerator, resume_from)
+        if ctx.best is not None:
+            ctx.best = BestWeights.load(resume_from)
         if accelerator.is_main_process:
             observer.on_resume(state.step)  # steps after it were trained before and are replayed now
         return state
@@ -409,7 +421,7 @@ def run_training(ctx: TrainingContext, observer: Observer) -> LoopState:
         record_evaluation(ctx, state, observer, epoch=mark)
         state.epoch, state.batches_done = epoch + 1, 0
         if ctx.train.save_checkpoints:
-            ctx.checkpoint.save(accelerator, state, run_id=observer.run_id)
+            ctx.save_checkpoint(state, observer.run_id)
     return state
 
 
@@ -440,6 +452,8 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
             result = train_result(settings, ctx, run_training(ctx, observer))
             if accelerator.is_main_process:
                 model = sentence_model(accelerator, ctx.model)
+                if ctx.best is not None:
+                    result.selected_step = ctx.best.restore_into(model, last_step=result.global_step)
                 write_atomic_dir(result.model_dir, lambda folder: save_with_card(model, folder, settings, result, splits))
                 observer.on_train_end(result)
             accelerator.wait_for_everyone()

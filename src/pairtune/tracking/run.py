@@ -142,7 +142,9 @@ def log_training_logs(result: TrainResult) -> None:
         for row in result.rows
     ]
     mlflow.log_table(pd.DataFrame(rows), artifact_file="training_logs.json")
-    mlflow.log_text("\n".join(logs_table(result.rows)) + "\n", "training_logs.md")
+    mlflow.log_text("\n".join(logs_table(result.rows, result.selected_step)) + "\n", "training_logs.md")
+    if result.selected_step is not None:  # train.select_best: which evaluation's weights were saved
+        mlflow.set_tag("pairtune.selected_step", str(result.selected_step))
 
 
 def log_plots(result: TrainResult) -> None:

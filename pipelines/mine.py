@@ -1,0 +1,21 @@
+"""DVC stage `mine`: hard negatives for the train split into data/mined/ (a torch-free copy while disabled)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from pairtune.config import load_settings
+from pairtune.entrypoint import exit_on_user_error, quiet_third_party
+from pairtune.mining import run_mine
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    quiet_third_party()
+    run_mine(load_settings(cfg))
+
+
+if __name__ == "__main__":
+    main()
