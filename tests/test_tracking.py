@@ -276,3 +276,36 @@ def test_runs_table_shows_the_dvc_experiment_column_only_when_a_run_has_one():
     served = RunRow("c", "run-c", "FINISHED", {}, {OBJECTIVE: 0.7}, aliases=["champion", "newest"])
     lines = format_table([served, plain], sort_metric=OBJECTIVE).splitlines()
     assert lines[0].split()[:3] == ["run", "status", "aliases"] and "champion,newest" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("lineage", "source_type"),
+    [
+        ({"kind": "file", "id": "data/raw/pairs.jsonl"}, "local"),
+        ({"kind": "hub", "id": "org/pairs", "revision": "v1", "subset": "pair", "split": "train"}, "hugging_face"),
+        ({"kind": "save_to_disk", "id": "saved", "split": "train"}, "hugging_face"),
+    ],
+)
+def test_datasets_are_logged_as_the_mlflow_type_of_their_source(lineage, source_type, prepared_bundled, tmp_path):
+    import shutil
+
+    from pairtune.tracking.run import log_datasets
+
+    # Given prepared splits whose stats.json records where they came from
+    folder = tmp_path / "prepared"
+    shutil.copytree(prepared_bundled, folder)
+    stats = json.loads((folder / "stats.json").read_text())
+    (folder / "stats.json").write_text(json.dumps({**stats, "lineage": lineage}))
+    settings = type("S", (), {"paths": type("P", (), {"prepared": str(folder)})()})()
+    # When they are logged into a run
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        log_datasets(settings)
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    # Then both splits carry the source's type, and a hub source names its id, subset, split and revision
+    assert sorted(i.dataset.name for i in inputs) == ["pairs-eval", "pairs-train"]
+    assert {i.dataset.source_type for i in inputs} == {source_type}
+    if lineage["kind"] == "hub":
+        source = json.loads(inputs[0].dataset.source)
+        assert (source["path"], source["config_name"], source["split"], source["revision"]) == (
+            "org/pairs", "pair", "train", "v1")

@@ -166,16 +166,47 @@ def log_plots(result: TrainResult) -> None:
 
 
 def log_datasets(settings: PairtuneConfig) -> None:
-    """The prepared train and eval splits as MLflow dataset inputs (name, digest, source, schema)."""
+    """The prepared train and eval splits as MLflow dataset inputs (name, digest, source, schema).
+
+    The dataset type matches where the pairs came from (``stats.json``'s lineage): a ``datasets`` source (hub
+    id, dataset folder or ``save_to_disk`` folder) is logged as an ``mlflow.data`` Hugging Face dataset whose
+    source names the id, subset, split and revision; a file as a pandas dataset whose source is the split's file.
+    """
     import pandas as pd
 
     mlflow = _mlflow()
     folder = Path(settings.paths.prepared)
+    lineage = read_lineage(folder)
     for split, context in (("train", "training"), ("eval", "evaluation")):
         path = folder / f"{split}.parquet"
         if path.is_file():
-            dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path), name=f"pairs-{split}")
+            frame = pd.read_parquet(path)
+            if lineage.get("kind") in ("hub", "save_to_disk"):
+                dataset = huggingface_dataset(frame, lineage, name=f"pairs-{split}")
+            else:
+                dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"pairs-{split}")
             mlflow.log_input(dataset, context=context)
+
+
+def read_lineage(prepared: Path) -> dict[str, Any]:
+    """Where the prepared pairs came from, as the prepare stage recorded it; empty for older folders."""
+    stats = prepared / "stats.json"
+    if not stats.is_file():
+        return {}
+    return json.loads(stats.read_text(encoding="utf-8")).get("lineage") or {}
+
+
+def huggingface_dataset(frame, lineage: dict[str, Any], *, name: str):
+    """An ``mlflow.data`` Hugging Face dataset of one prepared split, its source the ``datasets`` source it came from."""
+    import datasets
+    from mlflow.data.huggingface_dataset import from_huggingface
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    source = HuggingFaceDatasetSource(
+        path=lineage["id"], config_name=lineage.get("subset"), split=lineage.get("split"),
+        revision=lineage.get("revision"),
+    )
+    return from_huggingface(datasets.Dataset.from_pandas(frame, preserve_index=False), source=source, name=name)
 
 
 def log_run_config(config: dict[str, Any]) -> None:
