@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep ui serve bench bench-scale test lint format clean
+.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep ui serve bench bench-scale bench-quality test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, 
 
 bench-scale: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
 	$(PY) bench/scale.py $(ARGS)
+
+bench-quality: $(STAMP) ## training recipes x seeds 42 1 2 on the bundled data, chosen on eval, test reported (~30 min)
+	$(PY) bench/quality.py $(ARGS)
 
 browser: ## Debian's chromium for the browser tests (installed once)
 	@command -v chromium >/dev/null || { apt-get update -qq && \

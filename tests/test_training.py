@@ -114,3 +114,24 @@ def test_the_fast_preset_switches_training_to_bf16_and_nothing_else(make_setting
     assert (default.train.mixed_precision, fast.train.mixed_precision) == ("no", "bf16")
     fast.train.mixed_precision = "no"
     assert asdict(fast) == asdict(default)
+
+
+def test_the_quality_preset_is_the_seed_recipe_at_lr_2e_4_and_nothing_else(make_settings):
+    """experiment=quality: the recipe bench/quality.py chose on eval; the bench's "quality" entry must match it."""
+    import sys
+    from dataclasses import asdict
+
+    from .conftest import ROOT
+
+    default, quality = make_settings(), make_settings("experiment=quality")
+    assert (default.train.lr, quality.train.lr) == (5e-5, 2e-4)
+    quality.train.lr = default.train.lr
+    assert asdict(quality) == asdict(default)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality as bench_quality
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    overrides, mined = bench_quality.RECIPES["quality"]
+    assert bench_quality.RECIPES["lr_2e-4"] == (["train.lr=2e-4"], False) and not mined
+    assert overrides == ["experiment=quality"]
