@@ -299,7 +299,8 @@ def test_datasets_are_logged_as_the_mlflow_type_of_their_source(lineage, source_
     settings = type("S", (), {"paths": type("P", (), {"prepared": str(folder)})()})()
     # When they are logged into a run
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("datasets")  # this store's own: an earlier test may have set another
+    with mlflow.start_run(experiment_id=experiment) as run:
         log_datasets(settings)
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     # Then both splits carry the source's type, and a hub source names its id, subset, split and revision
