@@ -10,8 +10,8 @@ import torch
 
 from pairtune.batching import tokenize_columns
 from pairtune.losses import mnrl_loss
-from pairtune.training import encoder_for_training, train
-from pairtune.unpad import UnpaddedEncoder, supports_unpadding
+from pairtune.training import encoder_for_training, reset_gradients, train
+from pairtune.unpad import UnpaddedEncoder, _attention, _Grid, dropout, supports_unpadding
 
 
 @pytest.fixture
@@ -111,3 +111,63 @@ def test_a_run_without_dropout_learns_the_same_weights_either_way(make_settings,
     padded = load_file(tmp_path / "m-False" / "model.safetensors")
     assert packed.keys() == padded.keys()
     assert max((packed[k] - padded[k]).abs().max().item() for k in packed) < 1e-5
+
+
+def test_all_columns_in_one_forward_equal_one_forward_per_column(base_model, bundled_batch):
+    base_model.eval()
+    unpadded = UnpaddedEncoder(base_model)
+    with torch.no_grad():
+        together = unpadded([dict(features) for features in bundled_batch])
+        for features, out in zip(bundled_batch, together, strict=True):
+            alone = unpadded(dict(features))
+            assert out["sentence_embedding"].shape == (features["input_ids"].shape[0], 384)
+            assert torch.allclose(out["sentence_embedding"], alone["sentence_embedding"], atol=1e-6, rtol=0)
+
+
+def test_written_out_attention_equals_the_fused_kernel(base_model, bundled_batch):
+    # Given a layer's packed projections for a batch with padding
+    unpadded = UnpaddedEncoder(base_model)
+    grid = _Grid.of(bundled_batch[1]["attention_mask"])
+    torch.manual_seed(0)
+    qkv = torch.randn(grid.flat.shape[0], 3 * 384)
+    # When attention runs with a dropout so small that it drops nothing (threshold at the int16 minimum)
+    written_out = _attention(qkv, grid, 12, 32, 32**-0.5, 1e-9)
+    fused = _attention(qkv, grid, 12, 32, 32**-0.5, 0.0)
+    # Then the written-out product (the dropout path) is the fused kernel's
+    assert unpadded is not None and written_out.shape == (grid.flat.shape[0], 384)
+    assert torch.allclose(written_out, fused, atol=1e-5, rtol=0)
+
+
+def test_dropout_drops_p_of_the_elements_scales_the_rest_and_masks_the_gradient():
+    torch.manual_seed(1)
+    x = torch.ones(1_000_000, requires_grad=True)
+    out = dropout(x, 0.1, training=True)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # binomial sd 0.0003
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.9))
+    out.sum().backward()
+    assert torch.equal(x.grad == 0, out == 0)  # the backward uses the forward's mask
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x.detach(), 0.1, training=True), out.detach())  # torch's generator decides
+    assert dropout(x, 0.1, training=False) is x
+
+
+def test_the_word_embedding_gradient_is_dense_kept_and_zeroed_in_place(base_model, bundled_batch):
+    # Given the padded forward's gradient of the word embeddings (dropout off)
+    base_model.eval()
+    table = base_model[0].auto_model.embeddings.word_embeddings.weight
+    _, padded = loss_and_grads(base_model, base_model, bundled_batch)
+    # When the unpadded forward of both columns takes its backward
+    unpadded = UnpaddedEncoder(base_model)
+    base_model.zero_grad(set_to_none=True)
+    embeddings = [out["sentence_embedding"] for out in unpadded([dict(f) for f in bundled_batch])]
+    mnrl_loss(embeddings[0], embeddings[1:], scale=20.0, similarity="cosine", gather=False).backward()
+    # Then the optimizer gets the same dense gradient
+    kept = table.grad
+    assert kept.layout == torch.strided and not kept.is_sparse
+    assert (kept - next(g for n, g in padded.items() if n.endswith("word_embeddings.weight"))).abs().max() < 1e-6
+    # And resetting keeps that buffer, zeroed, and drops every other gradient
+    optimizer = torch.optim.AdamW(base_model.parameters())
+    reset_gradients(unpadded, optimizer)
+    assert table.grad is kept and not kept.any()
+    assert all(p.grad is None for p in base_model.parameters() if p is not table)

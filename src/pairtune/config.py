@@ -114,6 +114,7 @@ class TrainConfig:
     shared_filesystem: bool = True  # False: every node keeps its own checkpoint copy
     collective_timeout_minutes: float = 60.0  # how long ranks wait for rank 0's evaluation, or any collective
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    reuse_freed_memory: bool = True  # CPU on glibc: freed blocks stay in the process (pairtune.memory)
     progress: bool = True  # console progress (main process): a bar on a terminal, plain lines in a log
     progress_every_seconds: float = 30.0  # without a terminal (CI, DVC, SLURM): one progress line this often
 

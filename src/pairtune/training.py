@@ -31,6 +31,7 @@ from pairtune.data import Columns, load_prepared
 from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
 from pairtune.files import write_atomic_dir
 from pairtune.losses import cached_mnrl_step, mnrl_loss
+from pairtune.memory import reuse_freed_memory
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
 from pairtune.selection import BestWeights
@@ -138,11 +139,20 @@ def embed_fn(model: torch.nn.Module, accelerator: Accelerator):
     return embed
 
 
+def embed_columns(model: torch.nn.Module, accelerator: Accelerator, batches) -> list[torch.Tensor]:
+    """Every column's embeddings; an unpadded encoder takes all columns in one forward."""
+    if not isinstance(accelerator.unwrap_model(model), UnpaddedEncoder):
+        return [embed_fn(model, accelerator)(features) for features in batches]
+    moved = [{key: value.to(accelerator.device, non_blocking=True) for key, value in features.items()}
+             for features in batches]
+    with accelerator.autocast():
+        return [out["sentence_embedding"] for out in model(moved)]  # each (B, D)
+
+
 def compute_loss_and_backward(
     model, accelerator: Accelerator, batches, loss: LossConfig, *, sync: bool
 ) -> torch.Tensor:
     """Forward and backward for one micro-batch; one DDP gradient all-reduce, and only when ``sync``."""
-    embed = embed_fn(model, accelerator)
     gather = loss.gather_across_devices and accelerator.num_processes > 1
 
     def sync_context(is_last: bool = True):
@@ -150,13 +160,13 @@ def compute_loss_and_backward(
 
     if loss.mini_batch_size is None:
         with sync_context():
-            embeddings = [embed(features) for features in batches]
+            embeddings = embed_columns(model, accelerator, batches)
             value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity,
                               gather=gather, symmetric=loss.symmetric)
             accelerator.backward(value)
         return value.detach()
     return cached_mnrl_step(
-        embed, batches, mini_batch_size=loss.mini_batch_size, scale=loss.scale, similarity=loss.similarity,
+        embed_fn(model, accelerator), batches, mini_batch_size=loss.mini_batch_size, scale=loss.scale, similarity=loss.similarity,
         gather=gather, symmetric=loss.symmetric, backward=accelerator.backward, sync=sync_context,
     )
 
@@ -165,8 +175,17 @@ def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, max_gr
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    reset_gradients(accelerator.unwrap_model(model), optimizer)
     return float(grad_norm)
+
+
+def reset_gradients(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Drop every gradient, but zero in place the ones the module keeps (``UnpaddedEncoder.kept_gradients``)."""
+    kept = getattr(module, "kept_gradients", list)()
+    buffers = [(param, param.grad) for param in kept if param.grad is not None and not param.grad.is_sparse]
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad in buffers:
+        param.grad = grad.zero_()
 
 
 def encoder_for_training(model: SentenceTransformer, unpad: bool) -> torch.nn.Module:
@@ -447,6 +466,8 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
     splits = load_prepared(settings.paths.prepared)
     with torch_threads(settings.train.num_threads):
         accelerator = build_accelerator(settings.train)
+        if settings.train.reuse_freed_memory and accelerator.device.type == "cpu":
+            reuse_freed_memory()
         try:
             ctx = setup_training(settings, accelerator, splits)
             result = train_result(settings, ctx, run_training(ctx, observer))
