@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pairtune.config import ConfigError
-from pairtune.data import PairDataError
 
 #: The headline retrieval metric of the card, the tracker and every sweep, as the evaluator names it.
 PRIMARY_METRIC = "cosine_mrr@10"
@@ -33,6 +32,10 @@ def metric_key(name: str) -> str:
 
 #: The objective sweeps optimise and ``pairtune runs`` sorts by: the eval split's MRR@10 as MLflow logs it.
 OBJECTIVE = f"eval_{metric_key(PRIMARY_METRIC)}"
+
+
+class PairDataError(ValueError):
+    """A pairs file cannot be used; the message names the file, row and column."""
 
 
 class NonFiniteLossError(RuntimeError):

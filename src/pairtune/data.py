@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from pairtune.core import PairDataError  # noqa: F401 (raised here; importers take it from here too)
 from pairtune.files import write_atomic_dir
 
 if TYPE_CHECKING:
@@ -32,10 +33,6 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parq
 # A Hugging Face repository id: "name" or "owner/name" (letters, digits, "-", "_", ".").
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 SAVED_DATASET_FILES = (("dataset_info.json", "state.json"), ("dataset_dict.json",))  # Dataset, DatasetDict
-
-
-class PairDataError(ValueError):
-    """A pairs file cannot be used; the message names the file, row and column."""
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ every linear layer, GELU and LayerNorm of a BERT encoder spends that share of it
 the mean pooling then throws away. ``UnpaddedEncoder`` runs the same modules with the same weights on
 the packed real tokens ``(T, hidden)`` and pads only around the attention product, where the padding
 mask needs the ``(batch, length)`` shape. Outputs equal the padded forward to float rounding (a test
-holds them to 1e-5); only the order of the dropout draws differs, so a run is as reproducible as
-before but not bit-identical to one with ``model.unpad=false``.
+holds them to 1e-5). Training takes every column of a batch in one forward (the dense layers run once
+over all their tokens), keeps the word-embedding gradient as one dense buffer that sparse backwards add
+into, and draws dropout masks from 16-bit integers (:func:`dropout`) instead of one float per element.
+Only the dropout draws differ from the padded forward, so a run is as reproducible as before but not
+bit-identical to one with ``model.unpad=false``.
 
 Only plain BERT-style encoders qualify (absolute positions, post-LayerNorm, no decoder); anything
 else keeps the padded forward of sentence-transformers (``supports_unpadding`` says which).
