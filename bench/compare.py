@@ -499,8 +499,8 @@ def header(bench: Bench, threads: int) -> None:
     )
     print(
         f"  padding              the trainer pads each column to its batch's longest text: its dense layers see "
-        f"{cost.padded_ratio:.2f}x the real tokens pairtune's unpadded ones see (random batches of 32): at equal "
-        "efficiency per FLOP, the bound on the fp32 steps-only ratio",
+        f"{cost.padded_ratio:.2f}x the real tokens pairtune's unpadded ones see (random batches of 32): the "
+        "steps-only ratio from the matmuls alone; above it only by spending less outside them",
         flush=True,
     )
 

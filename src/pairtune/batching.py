@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -21,11 +23,19 @@ class TokenColumn:
 
     @classmethod
     def from_lists(cls, rows: list[list[int]]) -> TokenColumn:
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+        ids = np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
         return cls(ids, offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenColumn]) -> TokenColumn:
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [int(part.offsets[-1]) for part in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
+        return cls(np.concatenate([part.ids for part in parts]), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -60,18 +70,51 @@ class TokenizedColumns:
             ids = column.row(row)
             input_ids[i, : len(ids)] = ids
             attention_mask[i, : len(ids)] = 1
-        features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+        features = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+        }
         if self.with_token_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         return features
 
 
-def tokenize_columns(tokenizer, columns: Sequence[Sequence[str]], *, max_length: int) -> TokenizedColumns:
-    encoded = [
-        TokenColumn.from_lists(
-            tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        )
-        for texts in columns
-    ]
+def tokenize_columns(
+    tokenizer, columns: Sequence[Sequence[str]], *, max_length: int, chunk: int = 100_000
+) -> TokenizedColumns:
+    """Token ids of every column, as ``tokenizer(texts, truncation=True, max_length=...)`` gives them.
+
+    A transformers fast tokenizer is driven through its Rust backend directly (a copy, truncating as that
+    call would): the backend encodes a chunk of texts on every core and only the ids cross into Python,
+    where the call builds several Python lists per text. Any other tokenizer takes the call itself.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        encoded = [TokenColumn.from_lists(_call(tokenizer, texts, max_length)) for texts in columns]
+    else:
+        encode = _rust_encoder(backend, max_length, getattr(tokenizer, "truncation_side", "right"))
+        encoded = [
+            TokenColumn.concat([
+                TokenColumn.from_lists(encode(texts[start : start + chunk]))
+                for start in range(0, max(len(texts), 1), chunk)
+            ])
+            for texts in columns
+        ]
     with_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
     return TokenizedColumns(encoded, tokenizer.pad_token_id or 0, with_token_types)
+
+
+def _call(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+
+
+def _rust_encoder(backend, max_length: int, side: str):
+    backend = copy.deepcopy(backend)  # the tokenizer's own backend keeps its settings
+    backend.no_padding()
+    backend.enable_truncation(max_length, direction=side)
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in encode_batch(list(texts), add_special_tokens=True)]
+
+    return encode
