@@ -47,7 +47,7 @@ def test_a_config_error_answers_before_any_heavy_import(tmp_path):
 
 
 def test_the_light_core_imports_nothing_heavy(tmp_path):
-    light = ["pairtune.core", "pairtune.config", "pairtune.entrypoint", "pairtune.files", "pairtune.checkpoint",
+    light = ["pairtune.core", "pairtune.config", "pairtune.entrypoint", "pairtune.files", "pairtune.memory", "pairtune.checkpoint",
              "pairtune.preparation", "pairtune.card", "pairtune.reports", "pairtune.tracking", "pairtune.tracking.sweep",
              "pairtune.cli"]
     done = run_importtime("-c", "import " + ", ".join(light), tmp_path=tmp_path)
