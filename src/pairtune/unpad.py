@@ -7,7 +7,7 @@ the packed real tokens ``(T, hidden)`` and pads only around the attention produc
 mask needs the ``(batch, length)`` shape. Outputs equal the padded forward to float rounding (a test
 holds them to 1e-5). Training takes every column of a batch in one forward (the dense layers run once
 over all their tokens), keeps the word-embedding gradient as one dense buffer that sparse backwards add
-into, and draws dropout masks from 16-bit integers (:func:`dropout`) instead of one float per element.
+into, and draws dropout masks from 15-bit integers (:func:`dropout`) instead of one float per element.
 Only the dropout draws differ from the padded forward, so a run is as reproducible as before but not
 bit-identical to one with ``model.unpad=false``.
 
@@ -157,10 +157,10 @@ def _lookup(table: nn.Embedding, token_ids: Tensor) -> Tensor:
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout whose masks come from 16-bit uniform integers, four to each draw of torch's generator.
+    """Inverted dropout whose masks come from 15-bit uniform integers, four to each int64 draw of torch's generator.
 
-    ``torch.bernoulli_`` draws one float per element; on a CPU that costs about 5x more than the matmuls
-    around it can spare (dropout was the largest cost of a step after the dense layers). Here a tensor of
+    ``torch.bernoulli_`` draws one float per element: on a CPU about 5x the time of these masks, and the
+    largest cost of a training step after the dense layers' matmuls. Here a tensor of
     random int64 words (63 uniform bits each: ``random_`` keeps them non-negative) is viewed as four int16
     lanes, and each lane's low 15 bits are compared with a threshold: an element is dropped with
     probability ``round(p * 32768) / 32768`` (0.100006 for p = 0.1). The draws come from torch's own
