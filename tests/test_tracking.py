@@ -310,3 +310,31 @@ def test_datasets_are_logged_as_the_mlflow_type_of_their_source(lineage, source_
         source = json.loads(inputs[0].dataset.source)
         assert (source["path"], source["config_name"], source["split"], source["revision"]) == (
             "org/pairs", "pair", "train", "v1")
+
+
+class _RacedStore:
+    """``mlflow`` as a sweep job sees it when a parallel job inserts the same dataset row first."""
+
+    exceptions = mlflow.exceptions
+
+    def __init__(self, error: str) -> None:
+        self.error, self.calls = error, []
+
+    def log_input(self, dataset, context):
+        self.calls.append((dataset, context))
+        if len(self.calls) == 1:
+            raise mlflow.exceptions.MlflowException(self.error)
+
+
+def test_a_dataset_a_parallel_job_logged_first_is_linked_on_a_second_try():
+    from pairtune.tracking.run import log_input
+
+    dataset = type("Dataset", (), {"name": "pairs-train"})()
+    raced = _RacedStore("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+    log_input(raced, dataset, "training")
+    assert raced.calls == [(dataset, "training")] * 2
+    # Any other store error is not retried
+    broken = _RacedStore("(sqlite3.OperationalError) database is locked")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="database is locked"):
+        log_input(broken, dataset, "training")
+    assert len(broken.calls) == 1

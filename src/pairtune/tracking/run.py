@@ -185,7 +185,24 @@ def log_datasets(settings: PairtuneConfig) -> None:
                 dataset = huggingface_dataset(frame, lineage, name=f"pairs-{split}")
             else:
                 dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"pairs-{split}")
-            mlflow.log_input(dataset, context=context)
+            log_input(mlflow, dataset, context)
+
+
+def log_input(mlflow, dataset, context: str) -> None:
+    """``mlflow.log_input``, tried once more when a parallel job inserted the same dataset first.
+
+    MLflow's SQL store inserts a dataset's row, keyed by (experiment, name, digest), before linking it to the
+    run. Parallel jobs of a sweep log the same splits: two inserting at once both pass the look-up, and the
+    second fails on that key. Its transaction is rolled back and the row now exists, so a second try links it.
+    """
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as err:
+        message = str(err).lower()
+        if "unique constraint" not in message and "duplicate entry" not in message:
+            raise
+        log.info("dataset %s: logged by a parallel job first; linking it to this run", dataset.name)
+        mlflow.log_input(dataset, context=context)
 
 
 def read_lineage(prepared: Path) -> dict[str, Any]:
