@@ -74,7 +74,7 @@ serve: $(STAMP) ## serve models:/pairtune@champion on 127.0.0.1:$(SERVE_PORT) (P
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlflow.db $(VENV)/bin/mlflow models serve \
 	    -m models:/pairtune@champion --host 127.0.0.1 --port $(SERVE_PORT) --env-manager local
 
-bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, torch.compile (30-45 min; ARGS="--threads 1")
+bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, torch.compile (~22 min on 2 cores; ARGS="--threads 1")
 	$(PY) bench/compare.py $(ARGS)
 
 bench-scale: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
