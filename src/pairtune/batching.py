@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -10,6 +9,8 @@ from itertools import chain
 import numpy as np
 import torch
 from torch import Tensor
+
+from pairtune.tokens import encode_in_chunks
 
 Features = dict[str, Tensor]
 
@@ -31,8 +32,8 @@ class TokenColumn:
 
     @classmethod
     def concat(cls, parts: Sequence[TokenColumn]) -> TokenColumn:
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:
+            return parts[0] if parts else cls.from_lists([])
         starts = np.cumsum([0] + [int(part.offsets[-1]) for part in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
         return cls(np.concatenate([part.ids for part in parts]), offsets)
@@ -84,19 +85,18 @@ def tokenize_columns(
 ) -> TokenizedColumns:
     """Token ids of every column, as ``tokenizer(texts, truncation=True, max_length=...)`` gives them.
 
-    A transformers fast tokenizer is driven through its Rust backend directly (a copy, truncating as that
-    call would): the backend encodes a chunk of texts on every core and only the ids cross into Python,
-    where the call builds several Python lists per text. Any other tokenizer takes the call itself.
+    A transformers fast tokenizer is driven through its Rust backend directly (``tokens.encode_in_chunks``,
+    truncating as that call would): only the ids cross into Python, where the call builds several Python
+    lists per text. Any other tokenizer takes the call itself.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
         encoded = [TokenColumn.from_lists(_call(tokenizer, texts, max_length)) for texts in columns]
     else:
-        encode = _rust_encoder(backend, max_length, getattr(tokenizer, "truncation_side", "right"))
+        side = getattr(tokenizer, "truncation_side", "right")
         encoded = [
             TokenColumn.concat([
-                TokenColumn.from_lists(encode(texts[start : start + chunk]))
-                for start in range(0, max(len(texts), 1), chunk)
+                TokenColumn.from_lists([encoding.ids for encoding in part])
+                for part in encode_in_chunks(tokenizer, texts, max_length=max_length, side=side, chunk=chunk)
             ])
             for texts in columns
         ]
@@ -106,15 +106,3 @@ def tokenize_columns(
 
 def _call(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-
-
-def _rust_encoder(backend, max_length: int, side: str):
-    backend = copy.deepcopy(backend)  # the tokenizer's own backend keeps its settings
-    backend.no_padding()
-    backend.enable_truncation(max_length, direction=side)
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
-
-    def encode(texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in encode_batch(list(texts), add_special_tokens=True)]
-
-    return encode

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pairtune.core import PairDataError  # noqa: F401 (raised here; importers take it from here too)
+from pairtune.core import PairDataError
 from pairtune.files import write_atomic_dir
 
 if TYPE_CHECKING:

@@ -130,11 +130,14 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.O
     )
 
 
+def on_device(features: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    return {key: value.to(accelerator.device, non_blocking=True) for key, value in features.items()}
+
+
 def embed_fn(model: torch.nn.Module, accelerator: Accelerator):
     def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = {key: value.to(accelerator.device, non_blocking=True) for key, value in features.items()}
         with accelerator.autocast():
-            return model(features)["sentence_embedding"]  # (B, D)
+            return model(on_device(features, accelerator))["sentence_embedding"]  # (B, D)
 
     return embed
 
@@ -143,10 +146,8 @@ def embed_columns(model: torch.nn.Module, accelerator: Accelerator, batches) -> 
     """Every column's embeddings; an unpadded encoder takes all columns in one forward."""
     if not isinstance(accelerator.unwrap_model(model), UnpaddedEncoder):
         return [embed_fn(model, accelerator)(features) for features in batches]
-    moved = [{key: value.to(accelerator.device, non_blocking=True) for key, value in features.items()}
-             for features in batches]
     with accelerator.autocast():
-        return [out["sentence_embedding"] for out in model(moved)]  # each (B, D)
+        return [out["sentence_embedding"] for out in model([on_device(f, accelerator) for f in batches])]
 
 
 def compute_loss_and_backward(
