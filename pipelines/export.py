@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.config import load_settings
-from pairtune.entrypoint import exit_on_user_error, isolate_outputs, quiet_third_party
+from pairtune.entrypoint import check_inputs, exit_on_user_error, isolate_outputs, quiet_third_party
 from pairtune.tracking import stage_run
 
 
@@ -17,6 +17,7 @@ from pairtune.tracking import stage_run
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = isolate_outputs(load_settings(cfg), "onnx", "reports")
+    check_inputs(settings, "paths.model", "paths.prepared")
     from pairtune.export import flat_export_metrics, run_export
 
     with stage_run(settings, stage="export") as reporter:

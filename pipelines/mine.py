@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.config import load_settings
-from pairtune.entrypoint import exit_on_user_error, quiet_third_party
+from pairtune.entrypoint import check_inputs, exit_on_user_error, quiet_third_party
 from pairtune.mining import run_mine
 
 
@@ -14,7 +14,9 @@ from pairtune.mining import run_mine
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    run_mine(load_settings(cfg))
+    settings = load_settings(cfg)
+    check_inputs(settings, "paths.prepared", *(("model.name",) if settings.mining.enabled else ()))
+    run_mine(settings)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.checkpoint import Checkpoint
-from pairtune.config import load_settings, to_plain_dict
-from pairtune.data import check_prepared
+from pairtune.config import load_settings, settle_batch_sampler, to_plain_dict
 from pairtune.entrypoint import (
+    check_inputs,
     exit_on_user_error,
     isolate_outputs,
     launched_world_size,
@@ -31,10 +31,11 @@ log = logging.getLogger("pairtune.train")
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
     settings = isolate_outputs(load_settings(cfg), "model", "checkpoints", "reports")
-    check_prepared(settings.paths.prepared)  # a missing split fails here, before any run is opened
+    check_inputs(settings, "model.name", "paths.prepared")  # a typo fails here, before any run is opened
     apply_mined_negatives(settings)  # the mine stage's output names its negative column in mining.json
+    settle_batch_sampler(settings)  # a negative column trains with no_duplicates batches
     checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
-    resume_run = checkpoint.resumable_run_id() if settings.train.resume else None
+    resume_run = checkpoint.resumable_run_id(settings.train.resume)
     from pairtune.reports import write_training_plots
     from pairtune.training import train  # torch and friends: only once every quick check has passed
 

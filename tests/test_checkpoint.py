@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pairtune.checkpoint import STATE_FILE, Checkpoint, LoopState, fingerprint_diff, run_fingerprint
+from pairtune.checkpoint import (
+    DOES_NOT_SHAPE_THE_RUN,
+    SHAPES_THE_RUN,
+    STATE_FILE,
+    Checkpoint,
+    LoopState,
+    fingerprint_diff,
+    run_fingerprint,
+)
+from pairtune.config import PairtuneConfig
 from pairtune.core import ResumeMismatchError
 
 
@@ -107,6 +116,48 @@ def test_the_fingerprint_covers_data_batch_world_accumulation_epochs_sampler_see
     # Paths and tracking do not shape what is learned: a resume may move them
     moved = make_settings(f"paths.prepared={prepared_bundled}", "paths.reports=elsewhere", "tracking.run_name=x")
     assert fingerprint_diff(reference, run_fingerprint(moved, world_size=1)) == []
+
+
+def schema_keys(node=PairtuneConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, found by walking its dataclasses."""
+    import dataclasses
+
+    keys = []
+    for field in dataclasses.fields(node):
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        if dataclasses.is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{field.name}.")
+        else:
+            keys.append(f"{prefix}{field.name}")
+    return keys
+
+
+def test_every_schema_key_is_classified_once_as_shaping_the_run_or_not():
+    keys = schema_keys()
+    assert len(keys) > 60
+    unclassified = [k for k in keys if k not in SHAPES_THE_RUN and k not in DOES_NOT_SHAPE_THE_RUN]
+    assert unclassified == [], "add each new key to SHAPES_THE_RUN or DOES_NOT_SHAPE_THE_RUN in pairtune.checkpoint"
+    assert set(SHAPES_THE_RUN) & set(DOES_NOT_SHAPE_THE_RUN) == set()
+    assert sorted(set(SHAPES_THE_RUN) | set(DOES_NOT_SHAPE_THE_RUN)) == sorted(keys)  # no stale names
+    assert len(SHAPES_THE_RUN) == len(set(SHAPES_THE_RUN)) and len(DOES_NOT_SHAPE_THE_RUN) == len(set(DOES_NOT_SHAPE_THE_RUN))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.max_seq_length=32", "model.max_seq_length"),
+        ("model.unpad=false", "model.unpad"),
+        ("train.eval_every_steps=3", "train.eval_every_steps"),
+        ("mining.relative_margin=0.1", "mining.relative_margin"),
+        ("data.negative_column=negative", "data.negative_column"),
+    ],
+)
+def test_a_resume_that_changes_how_the_run_learns_is_refused(make_settings, prepared_bundled, tmp_path, override, key):
+    saved = run_fingerprint(make_settings(f"paths.prepared={prepared_bundled}"), world_size=1)
+    Checkpoint(tmp_path, keep=2, fingerprint=saved).save(FakeAccelerator(), state_at(3), run_id="r")
+    wanted = run_fingerprint(make_settings(f"paths.prepared={prepared_bundled}", override), world_size=1)
+    with pytest.raises(ResumeMismatchError, match=f"\\({key}: "):
+        Checkpoint(tmp_path, keep=2, fingerprint=wanted).resumable_run_id()
 
 
 @pytest.mark.slow

@@ -112,6 +112,31 @@ def test_a_shared_note_never_straddles_two_splits():
     assert len(homes) == 1
 
 
+def texts_by_split(split: dict[str, pd.DataFrame], columns: list[str]) -> dict[str, set[str]]:
+    return {name: {text for c in columns for text in frame[c]} for name, frame in split.items()}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_text_that_is_one_rows_sentence_and_anothers_note_stays_in_one_split(seed):
+    # Given 20 rows whose sentence is also the next row's note (a chain across the columns) among 40 others
+    chain = [{"sentence_0": f"link {i}", "sentence_1": f"link {i + 1}"} for i in range(20)]
+    rows = pairs(40) + chain
+    # When they are split
+    split = split_pairs(pd.DataFrame(rows), COLUMNS, train_size=30, eval_size=15, seed=seed, source="x")
+    # Then no text, in whichever column, is in two splits, and the final check agrees
+    homes = texts_by_split(split, ["sentence_0", "sentence_1"])
+    assert all(not (homes[a] & homes[b]) for a, b in (("train", "eval"), ("train", "test"), ("eval", "test")))
+    assert sum(len(frame) for frame in split.values()) == 60
+    check_disjoint(split, COLUMNS)
+
+
+def test_check_disjoint_catches_a_text_that_changed_column_between_splits():
+    train = pd.DataFrame([{"sentence_0": "a", "sentence_1": "b"}])
+    test = pd.DataFrame([{"sentence_0": "b", "sentence_1": "c"}])
+    with pytest.raises(PairDataError, match=r"text in both 'train' \(column 'sentence_1'\) and 'test' \(column 'sentence_0'\): 'b'"):
+        check_disjoint({"train": train, "eval": pd.DataFrame(pairs(1)), "test": test}, COLUMNS)
+
+
 def test_an_empty_split_is_refused():
     with pytest.raises(PairDataError, match="split 'test' would be empty"):
         split_pairs(pd.DataFrame(pairs(50)), COLUMNS, train_size=40, eval_size=10, seed=0, source="p.jsonl")
@@ -119,7 +144,7 @@ def test_an_empty_split_is_refused():
 
 def test_check_disjoint_catches_a_leak():
     leak = {"train": pd.DataFrame(pairs(2)), "eval": pd.DataFrame(pairs(1)), "test": pd.DataFrame(pairs(0))}
-    with pytest.raises(PairDataError, match="in both 'train' and 'eval'"):
+    with pytest.raises(PairDataError, match=r"in both 'train' \(column 'sentence_0'\) and 'eval' \(column 'sentence_0'\)"):
         check_disjoint(leak, COLUMNS)
 
 

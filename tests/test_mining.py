@@ -230,3 +230,39 @@ def test_the_cache_is_keyed_by_the_weights_not_the_name(base_model):
     with torch.no_grad():
         next(base_model.parameters()).add_(1e-3)
     assert model_fingerprint(base_model) != before
+
+
+def texts_twice(frame: pd.DataFrame, rows: list[int], columns: list[str]) -> int:
+    """How many texts of one batch occur more than once in it, over every row and column."""
+    texts = [text for column in columns for text in frame[column].iloc[rows]]
+    return len(texts) - len(set(texts))
+
+
+@pytest.mark.slow
+def test_a_run_with_mined_negatives_never_puts_a_text_in_a_batch_twice(mined_bundled, tmp_path, monkeypatch, caplog):
+    from pairtune.batching import TokenizedColumns
+    from pairtune.training import train
+
+    # Given the mined folder and the default sampler (train.batch_sampler=random), as the README's
+    # command-line recipe trains it
+    _, _, folder = mined_bundled
+    settings = load_settings(compose_config([
+        f"paths.prepared={folder}", f"paths.model={tmp_path}/model", f"paths.checkpoints={tmp_path}/ckpt",
+        "mining.enabled=true", "train.epochs=3", "train.eval_on_start=false", "tracking.enabled=false",
+    ]))
+    apply_mined_negatives(settings)
+    batches: list[list[int]] = []
+    real = TokenizedColumns.batch
+    monkeypatch.setattr(TokenizedColumns, "batch", lambda self, rows: batches.append(list(rows)) or real(self, rows))
+    # When it trains
+    with caplog.at_level("WARNING", logger="pairtune.config"):
+        train(settings)
+    # Then no batch holds a text twice in any column, and the switch was said once and recorded
+    frame = pd.read_parquet(folder / "train.parquet")
+    columns = ["sentence_0", "sentence_1", "negative"]
+    assert len(batches) >= 24 and all(len(b) > 1 for b in batches)  # 3 epochs of about 9 batches
+    assert [texts_twice(frame, rows, columns) for rows in batches] == [0] * len(batches)
+    assert settings.train.batch_sampler == "no_duplicates"
+    assert sum("train.batch_sampler: no_duplicates instead of random" in r.message for r in caplog.records) == 1
+    card = (tmp_path / "model/README.md").read_text()
+    assert "- `batch_sampler`: no_duplicates" in card

@@ -1,4 +1,4 @@
-"""The model registry: champion/challenger promotion by test MRR@10, and serving the champion over HTTP."""
+"""The model registry: champion/challenger promotion on the promotion set, and serving the champion over HTTP."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pairtune.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     PROMOTION_METRIC,
+    PROMOTION_TAG,
+    Candidate,
     aliases_by_run,
     log_model,
     promote,
@@ -35,7 +37,7 @@ def store(tmp_path_factory, base_model_session):
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("registry", artifact_location=(folder / "artifacts").as_uri())
     run_ids = []
-    for name in ("first", "worse", "tie", "better"):
+    for name in ("first", "worse", "tie", "better", "test-only", "other-data"):
         with mlflow.start_run(experiment_id=experiment, run_name=name) as run:
             log_model(model_dir, "pairtune")
             run_ids.append(run.info.run_id)
@@ -46,15 +48,24 @@ def version_of(alias: str) -> str:
     return mlflow.MlflowClient().get_model_version_by_alias("pairtune", alias).run_id
 
 
-def evaluate(run_id: str, score: float) -> str | None:
-    """What the evaluate stage does: log the test MRR@10 into the run, then promote."""
+EVAL_SPLIT = "a" * 64  # the digest of the eval split every run below was scored on, but one
+
+
+def evaluate(run_id: str, score: float, *, test: float = 0.5, data: str = EVAL_SPLIT) -> str | None:
+    """What the evaluate stage does: log the promotion figure into the run, then promote."""
     mlflow.MlflowClient().log_metric(run_id, PROMOTION_METRIC, score)
-    return promote("pairtune", run_id, score)
+    candidate = Candidate(score=score, data_sha256=data, data="the eval split (45 pairs)", reported=test)
+    return promote("pairtune", run_id, candidate)
+
+
+def description_of(run_id: str) -> str:
+    (version,) = mlflow.MlflowClient().search_model_versions(f"name = 'pairtune' and run_id = '{run_id}'")
+    return version.description
 
 
 @pytest.mark.slow
 def test_champion_moves_only_when_beaten_and_ties_keep_the_old_one(store):
-    uri, _, (first, worse, tie, better) = store
+    uri, _, (first, worse, tie, better, test_only, other_data) = store
     mlflow.set_tracking_uri(uri)
     # Given no champion yet, the first evaluated version becomes it
     assert evaluate(first, 0.80) == CHAMPION and version_of(CHAMPION) == first
@@ -69,7 +80,19 @@ def test_champion_moves_only_when_beaten_and_ties_keep_the_old_one(store):
     # A run that registered nothing promotes nothing
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("registry").experiment_id) as bare:
         pass
-    assert promote("pairtune", bare.info.run_id, 0.99) is None and version_of(CHAMPION) == better
+    assert promote("pairtune", bare.info.run_id, Candidate(0.99, EVAL_SPLIT, "x")) is None
+    assert version_of(CHAMPION) == better
+    # A far better test score does not decide: the eval-split figure does, and the description says so
+    assert evaluate(test_only, 0.84, test=0.99) == CHALLENGER and version_of(CHAMPION) == better
+    described = description_of(test_only)
+    assert described.startswith("Decided on MRR@10 on the eval split (45 pairs): challenger: MRR@10 0.8400")
+    assert "Held-out test MRR@10 0.9900 (reported, not used to decide)" in described
+    # A version scored on other promotion data is not compared at all, and says why
+    assert evaluate(other_data, 0.99, data="b" * 64) is None and version_of(CHAMPION) == better
+    why = mlflow.MlflowClient().get_run(other_data).data.tags[PROMOTION_TAG]
+    assert why.startswith(f"not compared with champion version {mlflow.MlflowClient().get_model_version_by_alias('pairtune', CHAMPION).version}")
+    assert "other promotion data (sha256 aaaaaaaaaaaa vs bbbbbbbbbbbb)" in why and "promotion.source" in why
+    assert aliases_by_run("pairtune")[other_data] == ["newest"]  # logged last; neither champion nor challenger
 
 
 def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 240) -> None:

@@ -196,6 +196,57 @@ def test_bad_config_fails_before_work_and_before_any_run(tmp_path, override, mes
     assert not store.exists()
 
 
+@pytest.mark.parametrize(
+    ("script", "overrides", "message"),
+    [
+        ("train", ["model.name=models/traind"],
+         "config key 'model.name': models/traind: no such folder, and no such hub id in the offline cache (HF_HUB_OFFLINE=1)"),
+        ("train", ["model.name=./models/traind"], "config key 'model.name': ./models/traind: no such folder"),
+        ("train", ["train.resume=true", "paths.checkpoints={tmp}/typo"],
+         "config key 'train.resume': no checkpoint to resume in {tmp}/typo (check hydra.run.dir or paths.checkpoints; "
+         "train.resume=auto starts a new run when there is none)"),
+        ("train", ["train.resume=maybe"], "config key 'train.resume': must be true, false or auto, got 'maybe'"),
+        ("evaluate", ["paths.model={tmp}/nomodel"],
+         "config key 'paths.model': {tmp}/nomodel: no such folder (train a model first, or point paths.model at one)"),
+        ("export", ["paths.model={tmp}"], "config key 'paths.model': {tmp}: not a saved model (no modules.json or config.json)"),
+        ("evaluate", ["paths.model={model}", "promotion.source={tmp}/fixed.jsonl"],
+         "config key 'promotion.source': {tmp}/fixed.jsonl: file not found"),
+        ("mine", ["mining.enabled=true", "model.name=nobody/nothing"],
+         "config key 'model.name': nobody/nothing: no such folder, and no such hub id in the offline cache (HF_HUB_OFFLINE=1)"),
+    ],
+)
+def test_a_mistyped_input_is_one_line_before_any_work(tmp_path, prepared_bundled, base_model_session, script,
+                                                      overrides, message):
+    model = tmp_path / "saved"
+    if "{model}" in " ".join(overrides):
+        base_model_session.save(str(model))
+    store = tmp_path / "store.db"
+    fill = {"tmp": tmp_path, "model": model}
+    done = subprocess.run(
+        [sys.executable, f"pipelines/{script}.py", *(o.format(**fill) for o in overrides),
+         f"paths.prepared={prepared_bundled}", f"tracking.uri=sqlite:///{store}", f"hydra.run.dir={tmp_path}/h",
+         f"paths.mined={tmp_path}/mined"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"pairtune: error: {message.format(**fill)}"
+    assert "Traceback" not in done.stderr and not store.exists() and not (tmp_path / "mined").exists()
+
+
+def test_resume_auto_starts_a_new_run_when_there_is_no_checkpoint_and_continues_one_when_there_is(
+    tmp_path, prepared_bundled
+):
+    command = train_command(tmp_path, prepared_bundled, "auto", "train.max_steps=2", "train.resume=auto",
+                            "tracking.flush_seconds=0.2")
+    first = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "resumed from" not in first.stderr
+    (status, run_id), = run_statuses(tmp_path).values()
+    again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stderr and run_statuses(tmp_path) == {"auto": ("FINISHED", run_id)}
+
+
 @pytest.mark.slow
 def test_four_parallel_sweep_jobs_all_finish_in_one_sqlite_store(tmp_path, prepared_bundled):
     uri = f"sqlite:///{tmp_path}/sweep.db"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -259,3 +260,8 @@ def test_two_processes_train_to_the_end_with_no_duplicates_on_shared_sentences(t
     # Then training ends normally and writes the model
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "model" / "model.safetensors").exists()
+    # and the batches were packed without duplicates: the 14 rows of one sentence need 14 batches, an epoch
+    # has 8 (60 rows / 8), so each epoch leaves some of them out, which random batches never do
+    left_out = [int(n) for n in re.findall(r"epoch \d: (\d+) rows in no batch", done.stderr)]
+    assert len(left_out) == 2 and all(n >= 14 - 8 for n in left_out), done.stderr[-4000:]
+    assert "- `batch_sampler`: no_duplicates" in (tmp_path / "model" / "README.md").read_text()

@@ -43,31 +43,58 @@ def test_no_evaluation_means_no_best_model():
         BestWeights().restore_into(linear(1.0), last_step=3)
 
 
+@pytest.fixture
+def eval_that_training_hurts(prepared_bundled, tmp_path):
+    """The bundled splits, but each training note is paired with another training note's sentence.
+
+    Training on wrong pairs pulls the notes away from their own sentences, so the eval MRR@10 falls as
+    training goes on and the best evaluation is an early one, never the last: a ``restore_into`` that kept
+    the last weights would show.
+    """
+    import pandas as pd
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    for split in ("eval", "test"):
+        (folder / f"{split}.parquet").write_bytes((prepared_bundled / f"{split}.parquet").read_bytes())
+    wrong = pd.read_parquet(prepared_bundled / "train.parquet")
+    wrong["sentence_1"] = wrong["sentence_1"].tolist()[1:] + wrong["sentence_1"].tolist()[:1]
+    wrong.to_parquet(folder / "train.parquet", index=False)
+    return folder
+
+
 @pytest.mark.slow
-def test_a_real_run_saves_the_best_eval_step_and_marks_it_on_the_card(make_settings, prepared_bundled, tmp_path):
+def test_a_real_run_saves_the_best_eval_step_and_marks_it_on_the_card(make_settings, eval_that_training_hurts,
+                                                                      tmp_path):
+    from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
     from pairtune.data import Columns, load_prepared
     from pairtune.evaluation import build_evaluator, run_evaluator
     from pairtune.training import train
 
-    # Given a learning rate high enough that later epochs may score worse than earlier ones
+    # Given a run whose evaluations get worse as it trains, the step-0 evaluation (the base model) left out
     settings = make_settings(
-        f"paths.prepared={prepared_bundled}", "train.select_best=true", "train.epochs=3", "train.lr=2e-4"
+        f"paths.prepared={eval_that_training_hurts}", "train.select_best=true", "train.epochs=3",
+        "train.lr=2e-4", "train.eval_on_start=false",
     )
     result = train(settings)
     scores = [row.metrics[PRIMARY_METRIC] for row in result.rows]
     best_row = result.rows[scores.index(max(scores))]  # the first of the highest
-    # Then the saved model is that step's: scoring it again on the eval split gives that row's metrics
+    assert [row.step for row in result.rows] == [9, 18, 27] and best_row.step < 27, scores
+    # Then the saved model is that step's, not the last one's: scoring it again gives that row's metrics
     assert result.selected_step == best_row.step and result.final_metrics == best_row.metrics
-    evaluator = build_evaluator(load_prepared(prepared_bundled)["eval"], Columns.of(settings.data), name="eval",
-                                batch_size=32)
+    evaluator = build_evaluator(load_prepared(eval_that_training_hurts)["eval"], Columns.of(settings.data),
+                                name="eval", batch_size=32)
     again = run_evaluator(evaluator, SentenceTransformer(str(tmp_path / "model")))
     assert again[PRIMARY_METRIC] == pytest.approx(best_row.metrics[PRIMARY_METRIC], abs=1e-5)
+    assert again[PRIMARY_METRIC] > scores[-1] + 1e-3
     card = (tmp_path / "model/README.md").read_text()
     assert f"| **{best_row.step}** |" in card and "* The bold row denotes the saved checkpoint." in card
     assert "- `load_best_model_at_end`: True" in card
-    # and the newest checkpoint carries the best weights so far, for a resume
+    # and the newest checkpoint carries the best weights so far, for a resume; they are the saved model's
     newest = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
-    assert BestWeights.load(newest).step == best_row.step
-    assert (newest / BEST_FILE).is_file()
+    kept = BestWeights.load(newest)
+    assert kept.step == best_row.step and (newest / BEST_FILE).is_file()
+    saved = load_file(tmp_path / "model/model.safetensors")
+    assert all(torch.equal(kept.weights[f"0.model.{k}"], v) for k, v in saved.items())

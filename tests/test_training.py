@@ -104,6 +104,53 @@ def test_bf16_on_a_cpu_trains_two_steps_and_the_card_says_bf16(make_settings, pr
     assert 0 < result.final_metrics["cosine_ndcg@10"] <= 1
     card = (result.model_dir / "README.md").read_text()
     assert "- `bf16`: True" in card and "- `fp16`: False" in card
+    # and the steps really ran in bf16: the same two steps in fp32 (deterministic on a CPU) give other losses
+    settings.train.mixed_precision = "no"
+    fp32 = train(settings)
+    gaps = [abs(a - b) for a, b in zip(result.step_losses, fp32.step_losses, strict=True)]
+    assert all(1e-5 < gap < 0.05 for gap in gaps), gaps
+
+
+@pytest.mark.slow
+def test_two_accumulated_batches_of_16_are_one_update_on_32_rows(make_settings, prepared_bundled, tmp_path, monkeypatch):
+    """gradient_accumulation_steps=2 averages two micro-batches' gradients into one optimizer step.
+
+    With MNRL each micro-batch is its own set of in-batch negatives, so the one big batch it equals is a single
+    forward, backward and step over the 32 rows whose loss is the mean of the two halves' MNRL: the same
+    losses, gradient norms and weights, step by step (dropout off: one forward of 32 and two of 16 draw
+    different masks).
+    """
+    from safetensors.torch import load_file
+
+    from pairtune import training
+    from pairtune.core import NullObserver
+
+    class GradNorms(NullObserver):
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_step(self, step: int, metrics: dict[str, float]) -> None:
+            self.norms.append(metrics["grad_norm"])
+
+    common = (f"paths.prepared={prepared_bundled}", "model.dropout=0.0", "train.max_steps=4",
+              "train.eval_on_start=false", "train.save_checkpoints=false")
+    accumulated, big = GradNorms(), GradNorms()
+    two = train(make_settings(*common, "train.batch_size=16", "train.gradient_accumulation_steps=2",
+                              f"paths.model={tmp_path}/accumulated"), observer=accumulated)
+    real = training.mnrl_loss
+
+    def mean_of_halves(anchors, candidates, **kwargs):
+        half = len(anchors) // 2
+        first = real(anchors[:half], [c[:half] for c in candidates], **kwargs)
+        return (first + real(anchors[half:], [c[half:] for c in candidates], **kwargs)) / 2
+
+    monkeypatch.setattr(training, "mnrl_loss", mean_of_halves)
+    one = train(make_settings(*common, "train.batch_size=32", f"paths.model={tmp_path}/big"), observer=big)
+    assert two.global_step == one.global_step == 4
+    assert two.step_losses == pytest.approx(one.step_losses, abs=1e-5)
+    assert accumulated.norms == pytest.approx(big.norms, rel=1e-4)
+    ours, theirs = load_file(tmp_path / "accumulated/model.safetensors"), load_file(tmp_path / "big/model.safetensors")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-5
 
 
 def test_the_fast_preset_switches_training_to_bf16_and_nothing_else(make_settings):

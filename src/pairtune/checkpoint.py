@@ -13,10 +13,11 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pairtune.config import ConfigError
 from pairtune.core import EpochRow, ResumeMismatchError
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class LoopState:
     rows: list[EpochRow] = field(default_factory=list)  # evaluations so far
     pairs_seen: int = 0
     seconds: float = 0.0
+    evaluation_due: float | None = None  # a stop deferred the evaluation due at ``step`` (its epoch mark) to the resume
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "rows"}, "rows": [r.__dict__ for r in self.rows]}
@@ -58,26 +60,54 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-#: The train.* keys that shape what a run learns (the rest only say where, how often, or how fast).
-SHAPING_TRAIN_KEYS = (
-    "epochs", "batch_size", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "scheduler",
-    "warmup_steps", "max_grad_norm", "seed", "max_steps", "gradient_accumulation_steps", "mixed_precision",
-    "batch_sampler", "drop_last", "eval_max_rows", "select_best",
+#: Every schema key, classified once: it shapes the run (what is learned, or which weights are kept and which
+#: evaluations are recorded), so a resume must not change it; or it does not (where files go, tracking, how often
+#: a checkpoint is written, speed), so a resume may. ``tests/test_checkpoint.py`` fails on a schema key that is
+#: in neither, or in both. The training data itself is in the fingerprint as the digests of its splits.
+SHAPES_THE_RUN = (
+    "data.anchor_column", "data.positive_column", "data.negative_column",
+    "model.name", "model.max_seq_length", "model.dropout", "model.unpad",
+    "loss.scale", "loss.similarity", "loss.mini_batch_size", "loss.gather_across_devices", "loss.symmetric",
+    "train.epochs", "train.batch_size", "train.lr", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
+    "train.adam_epsilon", "train.scheduler", "train.warmup_steps", "train.max_grad_norm", "train.seed",
+    "train.max_steps", "train.gradient_accumulation_steps", "train.mixed_precision", "train.batch_sampler",
+    "train.drop_last", "train.eval_on_start", "train.select_best", "train.eval_every_steps", "train.eval_max_rows",
+    "mining.enabled", "mining.negative_column", "mining.relative_margin", "mining.range_min", "mining.range_max",
+    "mining.sampling_strategy", "mining.on_missing", "mining.batch_size", "mining.seed",
+)
+DOES_NOT_SHAPE_THE_RUN = (
+    # the prepared splits' digests stand for where they came from and how they were split
+    "data.source", "data.revision", "data.subset", "data.split", "data.format", "data.csv_delimiter",
+    "data.train_size", "data.eval_size", "data.split_seed",
+    "model.trust_remote_code",  # permission to run a model's code, not a different model
+    "train.eval_batch_size", "train.save_checkpoints", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.resume", "train.shared_filesystem", "train.collective_timeout_minutes", "train.num_threads",
+    "train.reuse_freed_memory", "train.progress", "train.progress_every_seconds",
+    "paths.prepared", "paths.mined", "paths.mining_cache", "paths.model", "paths.checkpoints", "paths.reports",
+    "paths.onnx",
+    "tracking.enabled", "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.log_model",
+    "tracking.registered_model", "tracking.flush_seconds",
+    "export.opset", "export.batch_size", "export.min_cosine_fp32", "export.min_cosine_int8",
+    "promotion.source",
 )
 
 
+def setting(settings: PairtuneConfig, key: str) -> Any:
+    """The value of a dotted schema key, e.g. ``train.lr``."""
+    value: Any = settings
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def run_fingerprint(settings: PairtuneConfig, *, world_size: int) -> dict[str, Any]:
-    """Everything that shapes a run: the training data's digest, the model, the loss and the schedule."""
-    train_file = Path(settings.paths.prepared) / "train.parquet"
-    return {
-        "data.train_sha256": file_digest(train_file) if train_file.is_file() else None,
-        "data.columns": [settings.data.anchor_column, settings.data.positive_column, settings.data.negative_column],
-        "model.name": settings.model.name,
-        "model.dropout": settings.model.dropout,
-        "world_size": world_size,
-        **{f"train.{key}": getattr(settings.train, key) for key in SHAPING_TRAIN_KEYS},
-        **{f"loss.{key}": value for key, value in asdict(settings.loss).items()},
+    """Everything that shapes a run: the train and eval splits' digests, the world size and every shaping key."""
+    prepared = Path(settings.paths.prepared)
+    digests = {
+        f"data.{split}_sha256": file_digest(path) if (path := prepared / f"{split}.parquet").is_file() else None
+        for split in ("train", "eval")
     }
+    return {**digests, "world_size": world_size, **{key: setting(settings, key) for key in SHAPES_THE_RUN}}
 
 
 def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -125,9 +155,25 @@ class Checkpoint:
         path = path or self.latest()
         return json.loads((path / STATE_FILE).read_text()) if path else {}
 
-    def resumable_run_id(self) -> str | None:
-        """Before any run is opened: the newest checkpoint's tracking run, once its fingerprint matches."""
+    def to_resume(self, resume: bool | str) -> Path | None:
+        """The checkpoint ``train.resume`` continues: the newest one; with ``true`` there must be one.
+
+        ``true`` with none is refused (a mistyped ``hydra.run.dir`` would otherwise train from scratch
+        into a new run); ``auto`` starts a new run then, for schedulers that restart a job blindly.
+        """
+        if not resume:
+            return None
         latest = self.latest()
+        if latest is None and resume is True:
+            raise ConfigError(
+                f"config key 'train.resume': no checkpoint to resume in {self.folder} (check hydra.run.dir or "
+                "paths.checkpoints; train.resume=auto starts a new run when there is none)"
+            )
+        return latest
+
+    def resumable_run_id(self, resume: bool | str = True) -> str | None:
+        """Before any run is opened: the tracking run of the checkpoint to resume, once its fingerprint matches."""
+        latest = self.to_resume(resume)
         if latest is None:
             return None
         self.check(latest)

@@ -8,6 +8,7 @@ passes the composed config (or DVC's ``params.yaml``) through :func:`load_settin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -110,7 +113,7 @@ class TrainConfig:
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps, mid-epoch
     eval_max_rows: int | None = 10_000  # the eval split is scored on at most this many seeded rows
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: Any = False  # true: continue the newest checkpoint (refused if none) | false | auto: continue if one exists
     shared_filesystem: bool = True  # False: every node keeps its own checkpoint copy
     collective_timeout_minutes: float = 60.0  # how long ranks wait for rank 0's evaluation, or any collective
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
@@ -132,6 +135,7 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no|fp16|bf16")
         _require(self.batch_sampler in ("random", "no_duplicates"), "train.batch_sampler", "random|no_duplicates")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+        _require(self.resume in (True, False, "auto"), "train.resume", f"must be true, false or auto, got {self.resume!r}")
         for key in ("checkpoint_every_steps", "eval_every_steps", "eval_max_rows"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"train.{key}", f"must be > 0 or null, got {value}")
@@ -203,6 +207,13 @@ class ExportConfig:
 
 
 @dataclass
+class PromotionConfig:
+    """What decides ``champion``/``challenger`` in the registry (pairtune.tracking.registry)."""
+
+    source: str | None = None  # a pairs file (data's columns) fixed across runs; None = the prepared eval split
+
+
+@dataclass
 class PairtuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -212,6 +223,7 @@ class PairtuneConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -247,6 +259,25 @@ def load_settings(cfg: DictConfig | dict) -> PairtuneConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {str(err).splitlines()[0]}") from None
+
+
+def settle_batch_sampler(settings: PairtuneConfig) -> PairtuneConfig:
+    """A run that trains on a negative column samples without duplicates, whatever ``train.batch_sampler`` says.
+
+    A negative (prepared or mined) is a train-split sentence: in a random batch it is often another row's
+    positive, and MNRL then pushes that row's right answer away. The no-duplicates sampler keeps every text,
+    of any column, once per global batch. The settled value is what the run records (params, card,
+    fingerprint); the change is logged once, where it is made.
+    """
+    train = settings.train
+    if settings.data.negative_column and train.batch_sampler != "no_duplicates":
+        log.warning(
+            "train.batch_sampler: no_duplicates instead of %s, since the run trains on the negative column '%s' "
+            "(a random batch would hold a row's negative beside the row it is the positive of)",
+            train.batch_sampler, settings.data.negative_column,
+        )
+        train.batch_sampler = "no_duplicates"
+    return settings
 
 
 def to_plain_dict(settings: PairtuneConfig) -> dict[str, Any]:

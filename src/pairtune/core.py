@@ -6,6 +6,7 @@ seam and the sweep callback can use these without paying for the heavy stack.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,10 @@ CARD_METRICS = (
     "cosine_ndcg@10",
     "cosine_map@100",
 )
+
+
+#: A Hugging Face repository id: "name" or "owner/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def metric_key(name: str) -> str:

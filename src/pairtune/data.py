@@ -7,12 +7,12 @@ non-zero. ``datasets`` is imported only when a datasets source is read: a file s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pairtune.core import PairDataError
+from pairtune.core import HUB_ID, PairDataError
 from pairtune.files import write_atomic_dir
 
 if TYPE_CHECKING:
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "test")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-# A Hugging Face repository id: "name" or "owner/name" (letters, digits, "-", "_", ".").
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 SAVED_DATASET_FILES = (("dataset_info.json", "state.json"), ("dataset_dict.json",))  # Dataset, DatasetDict
 
 
@@ -263,7 +261,11 @@ def _resolve_size(size: int | float, total: int) -> int:
 
 
 def _text_groups(frame: pd.DataFrame, columns: Columns) -> list[list[int]]:
-    """Rows linked by a shared anchor or positive text; a group never straddles two splits."""
+    """Rows linked by a shared text, in whichever columns (one row's sentence may be another's note).
+
+    One union over every column, as the no-duplicates sampler treats equal texts; a group never straddles
+    two splits.
+    """
     parent = list(range(len(frame)))
 
     def find(i: int) -> int:
@@ -272,8 +274,8 @@ def _text_groups(frame: pd.DataFrame, columns: Columns) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for column in (columns.anchor, columns.positive):
-        first_row: dict[str, int] = {}
+    first_row: dict[str, int] = {}
+    for column in columns.names:
         for row, text in enumerate(frame[column].tolist()):
             if text in first_row:
                 parent[find(row)] = find(first_row[text])
@@ -288,7 +290,7 @@ def _text_groups(frame: pd.DataFrame, columns: Columns) -> list[list[int]]:
 def split_pairs(
     frame: pd.DataFrame, columns: Columns, *, train_size: int | float, eval_size: int | float, seed: int, source: str
 ) -> dict[str, pd.DataFrame]:
-    """Split by seed into train/eval/test so that no anchor or positive text is in two splits.
+    """Split by seed into train/eval/test so that no text, in whichever column, is in two splits.
 
     Sizes are exact when every text occurs once (the bundled data); linked rows move together, so a split
     may then fall short by the size of the group that did not fit.
@@ -318,14 +320,16 @@ def split_pairs(
 
 
 def check_disjoint(splits: dict[str, pd.DataFrame], columns: Columns) -> None:
-    """Raise if any anchor or positive text appears in two splits (the splitter makes this impossible)."""
-    for column in (columns.anchor, columns.positive):
-        seen: dict[str, str] = {}
-        for name, frame in splits.items():
+    """Raise if any text, in whichever column, appears in two splits (the splitter makes this impossible)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, frame in splits.items():
+        for column in columns.names:
             for text in set(frame[column]):
-                if text in seen and seen[text] != name:
-                    raise PairDataError(f"column '{column}': text in both '{seen[text]}' and '{name}': {text[:60]!r}")
-                seen[text] = name
+                home, where = seen.setdefault(text, (name, column))
+                if home != name:
+                    raise PairDataError(
+                        f"text in both '{home}' (column '{where}') and '{name}' (column '{column}'): {text[:60]!r}"
+                    )
 
 
 def token_stats(frame: pd.DataFrame, columns: Columns, count_tokens: Callable[[Sequence[str]], list[int]]) -> dict:
@@ -339,6 +343,14 @@ def token_stats(frame: pd.DataFrame, columns: Columns, count_tokens: Callable[[S
             "max": int(max(counts)),
         }
     return stats
+
+
+def pairs_digest(frame: pd.DataFrame, columns: Columns) -> str:
+    """sha256 of a split's pairs as text, whatever file format holds them: equal pairs, equal digest."""
+    digest = hashlib.sha256()
+    for row in frame[columns.names].itertuples(index=False):
+        digest.update(json.dumps(list(row), ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def write_prepared(target: str | Path, splits: dict[str, pd.DataFrame], stats: dict) -> None:

@@ -120,11 +120,31 @@ def isolate_outputs(settings: PairtuneConfig, *keys: str) -> PairtuneConfig:
     return settings
 
 
+def check_inputs(settings: PairtuneConfig, *keys: str) -> None:
+    """Every input a stage reads must exist: one line naming the key, before any heavy import or run opens."""
+    from pairtune.config import ConfigError
+    from pairtune.data import check_prepared
+    from pairtune.model_source import check_model_folder, check_model_name
+
+    checks = {
+        "model.name": lambda: check_model_name(settings.model.name),
+        "paths.model": lambda: check_model_folder(settings.paths.model, "paths.model"),
+        "paths.prepared": lambda: check_prepared(settings.paths.prepared),
+    }
+    for key in keys:
+        if key == "promotion.source":
+            source = settings.promotion.source
+            if source is not None and not Path(source).is_file():
+                raise ConfigError(f"config key 'promotion.source': {source}: file not found")
+        else:
+            checks[key]()
+
+
 def resume_hint() -> str:
     """The command that continues this run: the same overrides, its own Hydra folder, ``train.resume=true``."""
     from hydra.core.hydra_config import HydraConfig
 
-    command = [Path(sys.argv[0]).as_posix(), *(arg for arg in sys.argv[1:] if arg != "train.resume=true")]
+    command = [Path(sys.argv[0]).as_posix(), *(arg for arg in sys.argv[1:] if not arg.startswith("train.resume="))]
     if HydraConfig.initialized() and not in_dvc_stage():
         command.append(f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
     return " ".join(["python", *command, "train.resume=true"])

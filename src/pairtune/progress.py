@@ -118,7 +118,7 @@ class ProgressObserver(NullObserver):
             stream=stream,
             every_seconds=train.progress_every_seconds,
             eval_every_steps=train.eval_every_steps,
-            eval_on_start=train.eval_on_start and not train.resume,
+            eval_on_start=train.eval_on_start and train.resume is not True,  # auto: a new run when no checkpoint
         )
 
     # -- the loop's reports ---------------------------------------------------------------------------------

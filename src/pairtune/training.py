@@ -25,7 +25,7 @@ from transformers import get_scheduler
 
 from pairtune.batching import TokenizedColumns, tokenize_columns
 from pairtune.checkpoint import Checkpoint, LoopState
-from pairtune.config import ConfigError, LossConfig, PairtuneConfig, TrainConfig
+from pairtune.config import ConfigError, LossConfig, PairtuneConfig, TrainConfig, settle_batch_sampler
 from pairtune.core import PRIMARY_METRIC, EpochRow, NonFiniteLossError, NullObserver, Observer, TrainResult
 from pairtune.data import Columns, load_prepared
 from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
@@ -335,26 +335,36 @@ def record_step(
         observer.on_step(state.step, {**values, "learning_rate": learning_rate, "pairs_per_second": rate})
 
 
-def after_step(ctx: TrainingContext, state: LoopState, observer: Observer, *, epoch: float, boundary: bool) -> None:
-    """Honour a stop signal, then the periodic evaluation and checkpoint (epoch ends do their own)."""
+def end_step(ctx: TrainingContext, state: LoopState, observer: Observer, *, mark: float, epoch_end: bool) -> None:
+    """What is due once an optimizer step is counted: the evaluation, then the checkpoint, or a stop.
+
+    A stop saves the checkpoint first and leaves the evaluation due at this step in it
+    (``LoopState.evaluation_due``), so the process exits at once and the resume runs that evaluation on the
+    same weights before training on: the rows, the selected weights and the saved model come out as if
+    nothing had stopped, wherever the stop lands.
+    """
     train = ctx.train
+    last = state.step >= ctx.schedule.total_steps
+    periodic = bool(train.eval_every_steps) and state.step % train.eval_every_steps == 0
+    evaluate = epoch_end or last or periodic
+    checkpoint = train.save_checkpoints and (
+        epoch_end or last or bool(train.checkpoint_every_steps and state.step % train.checkpoint_every_steps == 0)
+    )
+    if epoch_end or last:  # a resume from here starts at the next epoch (or finds the schedule done)
+        state.epoch, state.batches_done = state.epoch + 1, 0
     if stop_requested(ctx.accelerator):
+        state.evaluation_due = mark if evaluate else None
         if train.save_checkpoints:
             ctx.save_checkpoint(state, observer.run_id)
         raise TrainingInterrupted(STOP.signum, state.step)
-    if boundary:
-        return
-    if train.eval_every_steps and state.step % train.eval_every_steps == 0:
-        record_evaluation(ctx, state, observer, epoch=epoch)
-    if train.save_checkpoints and train.checkpoint_every_steps and state.step % train.checkpoint_every_steps == 0:
+    if evaluate:
+        record_evaluation(ctx, state, observer, epoch=mark)
+    if checkpoint:
         ctx.save_checkpoint(state, observer.run_id)
 
 
-def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Observer) -> float:
-    """Train one epoch (or up to ``max_steps``), from ``state.batches_done`` when resuming mid-epoch.
-
-    Returns how far the epoch got, as the card's epoch mark (``epoch + 1.0`` when it ran to the end).
-    """
+def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Observer) -> None:
+    """Train one epoch (or up to ``max_steps``), from ``state.batches_done`` when resuming mid-epoch."""
     ctx.sampler.set_epoch(epoch)
     local_batches = list(ctx.sampler)
     if ctx.sampler.rows_left_out and ctx.accelerator.is_main_process and state.batches_done == 0:
@@ -365,7 +375,8 @@ def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Obse
     accumulation, window = ctx.train.gradient_accumulation_steps, UpdateWindow()
     for index in range(start, len(local_batches)):
         rows = local_batches[index]
-        is_update = (index + 1) % accumulation == 0 or index + 1 == len(local_batches)
+        epoch_end = index + 1 == len(local_batches)
+        is_update = (index + 1) % accumulation == 0 or epoch_end
         batch = ctx.tokens.batch(rows)
         window.losses.append(compute_loss_and_backward(ctx.model, ctx.accelerator, batch, ctx.loss, sync=is_update))
         window.pairs += len(rows)
@@ -375,12 +386,10 @@ def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Obse
         progress = round(epoch + (index + 1) / len(local_batches), 4)
         record_step(ctx, state, window, observer, train_loss=step_loss, grad_norm=grad_norm, epoch=progress)
         state.batches_done = index + 1
-        done = state.step >= ctx.schedule.total_steps
-        after_step(ctx, state, observer, epoch=progress, boundary=done or index + 1 == len(local_batches))
-        if done:
-            return progress
+        end_step(ctx, state, observer, mark=float(epoch + 1) if epoch_end else progress, epoch_end=epoch_end)
+        if state.step >= ctx.schedule.total_steps:
+            return
         window = UpdateWindow()
-    return float(epoch + 1)
 
 
 def stop_requested(accelerator: Accelerator) -> bool:
@@ -406,17 +415,21 @@ def record_evaluation(ctx: TrainingContext, state: LoopState, observer: Observer
 
 
 def start_state(ctx: TrainingContext, observer: Observer) -> LoopState:
-    """The state to train from: the newest checkpoint on ``train.resume``, else a fresh one (step-0 row)."""
+    """The state to train from: the newest checkpoint on ``train.resume``, else a fresh one (step-0 row).
+
+    A checkpoint a stop left with an evaluation due runs that evaluation first, on the restored weights.
+    """
     train, accelerator = ctx.train, ctx.accelerator
-    resume_from = ctx.checkpoint.latest() if train.resume else None
-    if train.resume and resume_from is None and accelerator.is_main_process:
-        log.warning("train.resume=true but no checkpoint in %s: starting from scratch", ctx.checkpoint.folder)
+    resume_from = ctx.checkpoint.to_resume(train.resume)
     if resume_from:
         state = ctx.checkpoint.restore(accelerator, resume_from)
         if ctx.best is not None:
             ctx.best = BestWeights.load(resume_from)
         if accelerator.is_main_process:
             observer.on_resume(state.step)  # steps after it were trained before and are replayed now
+        if state.evaluation_due is not None:
+            mark, state.evaluation_due = state.evaluation_due, None
+            record_evaluation(ctx, state, observer, epoch=mark)
         return state
     if train.save_checkpoints:
         ctx.checkpoint.clear(accelerator)
@@ -437,11 +450,7 @@ def run_training(ctx: TrainingContext, observer: Observer) -> LoopState:
     for epoch in range(state.epoch, ctx.train.epochs):
         if state.step >= schedule.total_steps:
             break
-        mark = run_epoch(ctx, epoch, state, observer)
-        record_evaluation(ctx, state, observer, epoch=mark)
-        state.epoch, state.batches_done = epoch + 1, 0
-        if ctx.train.save_checkpoints:
-            ctx.save_checkpoint(state, observer.run_id)
+        run_epoch(ctx, epoch, state, observer)
     return state
 
 
@@ -464,6 +473,7 @@ def train_result(settings: PairtuneConfig, ctx: TrainingContext, state: LoopStat
 def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> TrainResult:
     """Train on the prepared splits, evaluate each epoch, save the model and its card (main process)."""
     observer = observer or NullObserver()
+    settle_batch_sampler(settings)
     splits = load_prepared(settings.paths.prepared)
     with torch_threads(settings.train.num_threads):
         accelerator = build_accelerator(settings.train)

@@ -4,13 +4,20 @@ Aliases of the registered model (``pairtune`` by default):
 
 - ``newest``: the version the latest training run registered (MLflow reserves ``latest``);
 - ``champion``: the version to serve (``make serve``): the evaluate stage moves it to a new version only when
-  that version's test MRR@10 beats the current champion's; a tie keeps the old champion;
-- ``challenger``: the latest version that was evaluated and did not beat the champion.
+  that version's MRR@10 on the promotion set (the eval split, or ``promotion.source``) beats the current
+  champion's on the same set (equal digests); a tie keeps the old champion;
+- ``challenger``: the latest version that was evaluated, compared and did not beat the champion.
+
+The test split is the held-out result: reported beside the decision, never used to make it, so the figure a
+champion reports was not chosen as a maximum over runs. A version scored on other promotion data than the
+champion's is not compared at all; it gets no alias and its description and the run's
+``pairtune.promotion`` tag say why.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from pairtune.tracking.store import _mlflow
@@ -18,8 +25,21 @@ from pairtune.tracking.store import _mlflow
 log = logging.getLogger(__name__)
 
 NEWEST, CHAMPION, CHALLENGER = "newest", "champion", "challenger"
-#: What decides the champion: the trained model's test-split MRR@10, as the evaluate stage logs it.
-PROMOTION_METRIC = "test_trained_cosine_mrr_at_10"
+#: What decides the champion: the final model's MRR@10 on the promotion set, as the evaluate stage logs it.
+PROMOTION_METRIC = "promotion_cosine_mrr_at_10"
+#: The digest of the promotion set's pairs: only versions scored on the same pairs are compared.
+PROMOTION_DATA_TAG = "pairtune.promotion_sha256"
+PROMOTION_TAG = "pairtune.promotion"  # what promotion decided for this run, and why
+
+
+@dataclass
+class Candidate:
+    """A version's case for promotion: the deciding figure and its data, and the held-out one it reports."""
+
+    score: float  # MRR@10 on the promotion set
+    data_sha256: str  # the promotion set's pairs digest
+    data: str  # which set, in words: "the eval split (45 pairs)" or the file
+    reported: float | None = None  # test-split MRR@10: reported, never decides
 
 
 def pip_requirements() -> list[str]:
@@ -56,31 +76,51 @@ def run_version(client, name: str, run_id: str):
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def champion_score(client, name: str) -> tuple[str | None, float | None]:
-    """The current champion's version and its test MRR@10 (None, None when there is none yet)."""
+def champion_of(client, name: str) -> tuple[str | None, float | None, str | None]:
+    """The current champion's version, its promotion score and its promotion data digest (Nones when none)."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:  # MLflow raises when the alias is not set
-        return None, None
-    return champion.version, client.get_run(champion.run_id).data.metrics.get(PROMOTION_METRIC)
+        return None, None, None
+    run = client.get_run(champion.run_id).data
+    return champion.version, run.metrics.get(PROMOTION_METRIC), run.tags.get(PROMOTION_DATA_TAG)
 
 
-def promote(name: str | None, run_id: str, score: float) -> str | None:
-    """Point ``champion`` at this run's version when ``score`` beats the champion's, else ``challenger``.
+def decide(version: str, candidate: Candidate, champion: tuple[str | None, float | None, str | None]) -> tuple[str | None, str]:
+    """The alias this version earns against the champion (None: not comparable), and why, in one line."""
+    current, best, digest = champion
+    figure = f"MRR@10 {candidate.score:.4f} on {candidate.data}"
+    if current is None or current == version:
+        return CHAMPION, f"champion: {figure}" + ("" if current is None else " (re-evaluated)")
+    if digest != candidate.data_sha256 or best is None:
+        return None, (f"not compared with champion version {current}: it was scored on other promotion data "
+                      f"(sha256 {str(digest)[:12]} vs {candidate.data_sha256[:12]}); name one fixed set with "
+                      "promotion.source to compare runs trained on other data")
+    if candidate.score > best:
+        return CHAMPION, f"champion: {figure} beats version {current}'s {best:.4f}"
+    return CHALLENGER, f"challenger: {figure} does not beat version {current}'s {best:.4f}"
 
-    Returns the alias set, or None when the run registered no version.
+
+def promote(name: str | None, run_id: str, candidate: Candidate) -> str | None:
+    """Point ``champion`` at this run's version when it beats the champion on the same promotion data.
+
+    Else ``challenger``, or no alias when the two were scored on different data. The run gets the deciding
+    figure's digest and the decision as tags, and the version a description naming the deciding figure and
+    the held-out test figure. Returns the alias set, or None (no alias, or the run registered no version).
     """
-    client = _mlflow().MlflowClient()
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, PROMOTION_DATA_TAG, candidate.data_sha256)
     version = run_version(client, name, run_id) if name else None
     if version is None:
         return None
-    current, best = champion_score(client, name)
-    alias = CHAMPION if current is None or best is None or score > best else CHALLENGER
-    if current == version.version:
-        alias = CHAMPION  # re-evaluating the champion itself keeps it
-    client.set_registered_model_alias(name, alias, version.version)
-    log.info("%s version %s is the %s (test MRR@10 %.4f; champion before: %s at %s)",
-             name, version.version, alias, score, current, best)
+    alias, why = decide(version.version, candidate, champion_of(client, name))
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    client.set_tag(run_id, PROMOTION_TAG, why)
+    reported = "" if candidate.reported is None else f" Held-out test MRR@10 {candidate.reported:.4f} (reported, not used to decide)."
+    client.update_model_version(name, version.version, description=f"Decided on MRR@10 on {candidate.data}: {why}.{reported}")
+    log.info("%s version %s: %s", name, version.version, why)
     return alias
 
 

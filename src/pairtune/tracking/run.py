@@ -23,6 +23,7 @@ from pairtune.tracking.registry import log_model
 from pairtune.tracking.store import (
     _mlflow,
     configure,
+    experiment_name,
     flatten,
     git_state,
     project_root,
@@ -30,6 +31,7 @@ from pairtune.tracking.store import (
     redact_tree,
     split_params,
 )
+from pairtune.tracking.sweep import hydra_overrides
 from pairtune.tracking.writer import MetricWriter
 
 if TYPE_CHECKING:
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 PARAM_BATCH = 100  # MLflow's limit on params per call
 LINEAGE_FILE = "lineage.json"  # in paths.reports: untracked by git, no DVC output (see dvc.yaml's metrics)
 PLOTTED_METRICS = ("cosine_mrr@10", "cosine_ndcg@10", "cosine_accuracy@1")
+#: The sha256 of the trained model's weights (``model.safetensors``), so a later stage run outside DVC finds
+#: the run that trained any model folder, moved or copied: run ids never go into the model folder itself.
+MODEL_DIGEST_TAG = "pairtune.model_sha256"
 
 
 def is_main_process() -> bool:
@@ -88,6 +93,9 @@ class MlflowObserver(NullObserver):
         log_training_logs(result)
         log_plots(result)
         write_lineage(self.settings, active_run_id())
+        digest = model_digest(result.model_dir)
+        if digest:
+            self.mlflow.set_tag(MODEL_DIGEST_TAG, digest)
         self.mlflow.log_artifact(str(result.model_dir / "README.md"))
         if self.settings.tracking.log_model:
             log_model(result.model_dir, self.settings.tracking.registered_model)
@@ -356,7 +364,7 @@ class StageReporter:
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_json(self, payload: dict, artifact_file: str) -> None: ...
     def log_comparison_plots(self, report: dict[str, dict[str, float]], folder: str) -> None: ...
-    def promote(self, score: float) -> str | None: ...
+    def promote(self, report: dict[str, Any]) -> str | None: ...
 
 
 class MlflowStageReporter(StageReporter):
@@ -365,11 +373,17 @@ class MlflowStageReporter(StageReporter):
     def __init__(self, run_id: str, registered_model: str | None) -> None:
         self.run_id, self.registered_model = run_id, registered_model
 
-    def promote(self, score: float) -> str | None:
-        """Move ``champion`` (or ``challenger``) to this run's registered version, by its test MRR@10."""
-        from pairtune.tracking.registry import promote
+    def promote(self, report: dict[str, Any]) -> str | None:
+        """Move ``champion`` (or ``challenger``) to this run's version, decided on the promotion set.
 
-        return promote(self.registered_model, self.run_id, score)
+        ``report`` is the evaluate stage's: its ``promotion`` entry decides, its test MRR@10 is only reported.
+        """
+        from pairtune.tracking.registry import Candidate, promote
+
+        promotion = report["promotion"]
+        candidate = Candidate(score=promotion["cosine_mrr_at_10"], data_sha256=promotion["sha256"],
+                              data=promotion["data"], reported=report["trained"]["cosine_mrr_at_10"])
+        return promote(self.registered_model, self.run_id, candidate)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         _mlflow().log_metrics(metrics)
@@ -397,21 +411,58 @@ def bar_chart(labels: list[str], values: list[float], *, title: str) -> Callable
     return draw
 
 
+def model_digest(model_dir: str | Path) -> str | None:
+    """sha256 of a model folder's weights; None when it holds no ``model.safetensors``."""
+    from pairtune.checkpoint import file_digest
+
+    weights = Path(model_dir) / "model.safetensors"
+    return file_digest(weights) if weights.is_file() else None
+
+
+def training_run_of(settings: PairtuneConfig) -> str | None:
+    """The run that trained ``paths.model``: the one ``lineage.json`` names, else the newest with its weights.
+
+    Identical weights from two runs (a deterministic rerun) match both; the newest is taken and named.
+    """
+    found = read_run_id(settings)
+    if found:
+        return found
+    digest = model_digest(settings.paths.model)
+    if digest is None:
+        return None
+    runs = _mlflow().search_runs(
+        experiment_names=[experiment_name(settings.tracking.experiment)],
+        filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{digest}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
 @contextmanager
 def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter]:
-    """Reopen the pipeline's run (its id is in ``paths.reports/lineage.json``) for a later stage."""
-    run_id = read_run_id(settings)
-    if run_id is None or not (settings.tracking.enabled and is_main_process()):
-        if settings.tracking.enabled and run_id is None:
-            log.warning(
-                "%s: no MLflow run for %s in %s/%s; not tracked",
-                stage,
-                settings.paths.model,
-                settings.paths.reports,
-                LINEAGE_FILE,
-            )
+    """Log a later stage into the run that trained ``paths.model``, or into a new run that names the model.
+
+    In the pipeline the train stage's ``lineage.json`` names the run; run by hand (``make evaluate``, a
+    command-line run's folder in ``paths.model``), the run is found by the model's weights.
+    """
+    if not (settings.tracking.enabled and is_main_process()):
         yield StageReporter()
         return
-    with tracked_run(settings, config={}, stage=stage, resume_run_id=run_id):
-        _mlflow().set_tag(f"pairtune.stage.{stage}", "done")
+    configure(settings)
+    model, run_id = settings.paths.model, training_run_of(settings)
+    if run_id is None:
+        log.info("%s: %s: no MLflow run trained these weights; logging into a new run", stage, model)
+        config = {"paths": {"model": str(model)}, "stage": stage}
+        context = tracked_run(settings, config=config, overrides=hydra_overrides(), stage=stage)
+    else:
+        log.info("%s: %s: logging into MLflow run %s, which trained it", stage, model, run_id)
+        context = tracked_run(settings, config={}, stage=stage, resume_run_id=run_id)
+    with context:
+        run_id = active_run_id()
+        mlflow = _mlflow()
+        mlflow.set_tag(f"pairtune.stage.{stage}", "done")
+        mlflow.set_tag(f"pairtune.{stage}.model", redact(str(model)))
+        digest = model_digest(model)
+        if digest and mlflow.get_run(run_id).data.tags.get(MODEL_DIGEST_TAG) is None:
+            mlflow.set_tag(MODEL_DIGEST_TAG, digest)
         yield MlflowStageReporter(run_id, settings.tracking.registered_model)
