@@ -10,7 +10,8 @@ and the FMA pipes and their width from the vendor and family, because the flags 
 pipes are: Zen 4 (AMD family 25 with avx512f) decodes AVX-512 but runs each 512-bit FMA as two 256-bit
 halves on its two 256-bit pipes, so its fp32 peak equals two 256-bit FMA units. The bf16 peak follows the
 flags: avx512_bf16's VDPBF16PS does two bf16 multiply-adds per fp32 lane in one instruction (2x fp32);
-amx_bf16 tiles do 1024 bf16 multiply-adds per cycle per core; without either, bf16 math runs at fp32 speed.
+amx_bf16's TDPBF16PS does 16 x 16 x 32 bf16 multiply-adds in 16 cycles, 512 per cycle per core (1024 FLOPs);
+without either, bf16 math runs at fp32 speed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 FLOPS_PER_FMA = 2
+AMX_BF16_FMA_PER_CYCLE = 16 * 16 * 32 // 16  # one TDPBF16PS tile product: 8192 multiply-adds in 16 cycles
 PASSES = 3  # forward + backward (about twice the forward)
 
 
@@ -194,7 +196,10 @@ def fma_per_cycle(cpu: CpuInfo) -> tuple[int, str]:
 def bf16_factor(cpu: CpuInfo, fma: int) -> tuple[float, str]:
     """bf16 peak over fp32 peak, from the bf16 instructions the flags announce."""
     if "amx_bf16" in cpu.flags:
-        return 1024 / fma, "amx_bf16: AMX tiles do 1024 bf16 multiply-adds per cycle per core"
+        return AMX_BF16_FMA_PER_CYCLE / fma, (
+            f"amx_bf16: TDPBF16PS does 16 x 16 x 32 bf16 multiply-adds in 16 cycles = {AMX_BF16_FMA_PER_CYCLE} "
+            f"per cycle per core, over {fma} fp32 FMA/cycle"
+        )
     if "avx512_bf16" in cpu.flags:
         return 2.0, (
             "avx512_bf16: VDPBF16PS does 2 bf16 multiply-adds per fp32 lane per instruction, at the "

@@ -58,7 +58,7 @@ def test_zen4_runs_avx512_on_256_bit_pipes_and_doubles_with_bf16():
 @pytest.mark.parametrize(
     ("info", "fma", "factor"),
     [
-        (cpu("GenuineIntel", 6, "fma avx2 avx512f amx_bf16 avx512_bf16"), 32, 32.0),  # Sapphire Rapids: AMX
+        (cpu("GenuineIntel", 6, "fma avx2 avx512f amx_bf16 avx512_bf16"), 32, 16.0),  # Sapphire Rapids: AMX
         (cpu("GenuineIntel", 6, "fma avx2"), 16, 1.0),  # AVX2 only: no bf16 arithmetic
         (cpu("AuthenticAMD", 25, "fma avx2"), 16, 1.0),  # Zen 3
         (cpu("AuthenticAMD", 26, "fma avx2 avx512f avx512_bf16"), 32, 2.0),  # Zen 5: full 512-bit pipes
@@ -70,6 +70,16 @@ def test_the_peak_follows_vendor_family_and_flags(info, fma, factor):
     got, _ = flops.fma_per_cycle(info)
     assert got == fma
     assert flops.bf16_factor(info, got)[0] == factor
+
+
+def test_amx_counts_512_bf16_multiply_adds_per_cycle_and_says_so():
+    """TDPBF16PS: a 16 x 16 x 32 tile product (8192 multiply-adds) every 16 cycles."""
+    xeon = cpu("GenuineIntel", 6, "fma avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    fma, _ = flops.fma_per_cycle(xeon)
+    factor, reason = flops.bf16_factor(xeon, fma)
+    peak = flops.CpuPeak(xeon, fma, "", factor, reason, 2000.0, "test")
+    assert peak.flops("bf16") == pytest.approx(512 * 2 * 2000e6)  # 1024 FLOPs per cycle per core
+    assert "512 per cycle per core" in reason and "amx_bf16" in reason
 
 
 def test_physical_cores_not_threads_are_counted():

@@ -247,6 +247,37 @@ def test_sweep_callback_in_the_config_optimises_the_objective():
     assert isinstance(callback, SweepCallback) and callback.objective == OBJECTIVE == "eval_cosine_mrr_at_10"
 
 
+def test_the_keep_command_reruns_only_the_keys_that_shape_a_run():
+    from pairtune.tracking.sweep import keep_command
+
+    overrides = "hparams_search=tune train.lr=0.000123 train.epochs=8 train.num_threads=1 tracking.log_model=false"
+    assert keep_command(overrides) == ".venv/bin/dvc exp run -S 'train.lr=0.000123' -S 'train.epochs=8'"
+
+
+@pytest.mark.slow
+def test_make_tune_sweeps_lr_and_epochs_and_prints_the_dvc_command_of_the_best(tmp_path, prepared_bundled):
+    # Given the tune search, shrunk to 2 trials of 2 steps
+    done = subprocess.run(
+        [sys.executable, "pipelines/train.py", "hparams_search=tune", "hydra.sweeper.n_trials=2",
+         "hydra.sweeper.sampler.n_startup_trials=2", "train.max_steps=2", "train.save_checkpoints=false",
+         "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/tune.db", f"paths.prepared={prepared_bundled}",
+         f"hydra.sweep.dir={tmp_path}/multirun"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Then each trial chose a learning rate and a number of epochs, and the best one's keep command is printed
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/tune.db")
+    runs = mlflow.search_runs(experiment_names=["pairtune"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("pairtune.stage") == "sweep"]
+    best = mlflow.MlflowClient().get_run(parent.data.tags["pairtune.best_child_run_id"])
+    lr, epochs = best.data.params["train.lr"], best.data.params["train.epochs"]
+    command = parent.data.tags["pairtune.keep_command"]
+    assert command.startswith(".venv/bin/dvc exp run -S ") and f"make it the pipeline's with:\n  {command}" in done.stdout
+    # the choice, and the command line's own keys that shape a run; nothing of Hydra, tracking or paths
+    assert sorted(command.split(" -S ")[1:]) == sorted([f"'train.lr={lr}'", f"'train.epochs={epochs}'", "'train.max_steps=2'"])
+    assert 2e-5 <= float(lr) <= 4e-4 and 4 <= int(epochs) <= 20
+
+
 def test_stage_reporter_logs_one_bar_chart_per_metric_and_closes_them(make_settings, tmp_path):
     import matplotlib.pyplot as plt
 

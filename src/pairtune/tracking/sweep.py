@@ -66,8 +66,21 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:
             return
-        summarise_sweep(self.parent_run_id, self.objective)
+        best = summarise_sweep(self.parent_run_id, self.objective)
         os.environ.pop(PARENT_ENV, None)
+        if best:
+            command = keep_command(best["overrides"])
+            _mlflow().MlflowClient().set_tag(self.parent_run_id, "pairtune.keep_command", command)
+            print(f"best of the sweep: {self.objective} = {best[self.objective]:.4f} (run {best['run_id']}); "
+                  f"make it the pipeline's with:\n  {command}", flush=True)
+
+
+def keep_command(overrides: str) -> str:
+    """The ``dvc exp run`` that reruns a sweep job's choice in the pipeline: its overrides of keys that shape a run."""
+    from pairtune.checkpoint import SHAPES_THE_RUN
+
+    kept = [o for o in overrides.split() if o.partition("=")[0].lstrip("+~") in SHAPES_THE_RUN]
+    return " ".join([".venv/bin/dvc exp run", *(f"-S '{o}'" for o in kept)])
 
 
 def child_runs(parent_run_id: str) -> list:
