@@ -42,7 +42,8 @@ def child(prepared: Path, steps: int, compiled: bool, overrides: list[str]) -> d
     from pairtune import training
     from pairtune.data import load_prepared
 
-    settings = benchkit.compose_settings([f"paths.prepared={prepared}", "tracking.enabled=false", *overrides])
+    settings = benchkit.compose_settings([f"paths.prepared={prepared}", "tracking.enabled=false", "guard.enabled=false",
+                                          *overrides])
     accelerator = training.build_accelerator(settings.train)
     ctx = training.setup_training(settings, accelerator, load_prepared(prepared))
     if compiled:

@@ -64,13 +64,15 @@ RECIPES: dict[str, tuple[list[str], bool]] = {
 
 
 def run_job(data_set: str, name: str, seed: int, work: Path, threads: int) -> dict:
+    """Train one (set, recipe, seed) with the guard on; score the trained and the final model."""
     overrides, needs_mined = RECIPES[name]
     prepared, mined = work / data_set / "prepared", work / data_set / "mined"
     out = work / data_set / f"{name}-{seed}"
     command = [
         sys.executable, str(ROOT / "pipelines/train.py"), *overrides, f"train.seed={seed}",
         f"paths.prepared={mined if needs_mined else prepared}", f"paths.mined={mined}",
-        f"paths.model={out}/model", f"paths.checkpoints={out}/checkpoints", f"paths.reports={out}/reports",
+        f"paths.model={out}/model", f"paths.final={out}/final", f"paths.checkpoints={out}/checkpoints",
+        f"paths.reports={out}/reports", f"paths.general_cache={work}/general-cache",
         "tracking.enabled=false", "train.save_checkpoints=false", "train.progress=false",
         f"train.num_threads={threads}", f"hydra.run.dir={out}/hydra",
     ]
@@ -79,11 +81,14 @@ def run_job(data_set: str, name: str, seed: int, work: Path, threads: int) -> di
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
-    return {"set": data_set, "recipe": name, "seed": seed, "seconds": seconds, **score(out / "model", prepared)}
+    guard = json.loads((out / "reports/guard.json").read_text())
+    general = {f"general_{k}": v[PRIMARY] for k, v in guard["general"].items()}
+    return {"set": data_set, "recipe": name, "seed": seed, "seconds": seconds, "chosen_a": guard["chosen_a"],
+            **score(out / "model", prepared), **score(out / "final", prepared, prefix="final_"), **general}
 
 
-def score(model_dir: Path, prepared: Path) -> dict:
-    """MRR@10 and NDCG@10 of the saved model on eval and on test, as the pipeline's evaluator computes them."""
+def score(model_dir: Path, prepared: Path, prefix: str = "") -> dict:
+    """MRR@10 and NDCG@10 of a saved model on eval and on test, as the pipeline's evaluator computes them."""
     from sentence_transformers import SentenceTransformer
 
     from pairtune.data import Columns, load_prepared
@@ -93,9 +98,37 @@ def score(model_dir: Path, prepared: Path) -> dict:
     scores: dict = {"rows": "/".join(str(len(splits[s])) for s in ("train", "eval", "test"))}
     for split in ("eval", "test"):
         metrics = run_evaluator(build_evaluator(splits[split], Columns(), name=split, batch_size=32), model)
-        scores[f"{split}_mrr"] = metrics[PRIMARY]
-        scores[f"{split}_ndcg"] = metrics["cosine_ndcg@10"]
+        scores[f"{prefix}{split}_mrr"] = metrics[PRIMARY]
+        scores[f"{prefix}{split}_ndcg"] = metrics["cosine_ndcg@10"]
     return scores
+
+
+def base_scores(work: Path, data_set: str) -> dict:
+    """The base model's test and eval MRR@10 on one set: where every task gain is measured from."""
+    from pairtune.model_source import resolve_model_source
+
+    return score(Path(resolve_model_source(benchkit.MODEL_ID)[0]), work / data_set / "prepared")
+
+
+def guard_table(results: list[dict], bases: dict[str, dict], sets: list[str], names: list[str]) -> None:
+    """Task (test) and general MRR@10 of the base, trained and final (blended) models, per set and recipe."""
+    print("\n## The guard: task and general retrieval of base, trained and final (blended) models\n")
+    print("test MRR@10 of the task and general MRR@10, means over seeds; kept = (final - base) / (trained - base) "
+          "of the task gain; a = the chosen blends\n")
+    print("| set | recipe | task base / trained / final | kept | general base / trained / final | a |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for data_set in sets:
+        for name in names:
+            rows = [r for r in results if r["set"] == data_set and r["recipe"] == name]
+            if not rows:
+                continue
+            base, trained, final = (bases[data_set]["test_mrr"], statistics.mean(r["test_mrr"] for r in rows),
+                                    statistics.mean(r["final_test_mrr"] for r in rows))
+            kept = (final - base) / (trained - base) if trained != base else float("nan")
+            general = [statistics.mean(r[f"general_{k}"] for r in rows) for k in ("base", "trained", "final")]
+            chosen = " ".join(f"{r['chosen_a']:g}" for r in rows)
+            print(f"| {data_set} | {name} | {base:.4f} / {trained:.4f} / {final:.4f} | {kept:.0%} | "
+                  + " / ".join(f"{g:.4f}" for g in general) + f" | {chosen} |")
 
 
 def prepare_and_mine(work: Path, data_set: str) -> float:
@@ -176,6 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pairtune-quality-") as tmp:
         work = Path(tmp)
         mine_seconds = {data_set: prepare_and_mine(work, data_set) for data_set in args.sets}
+        bases = {data_set: base_scores(work, data_set) for data_set in args.sets}
         jobs = [(data_set, name, seed) for data_set in args.sets for seed in args.seeds for name in names]
         threads = max(1, 2 // args.jobs)
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -187,11 +221,12 @@ def main() -> None:
                 print(f"{last['set']} {last['recipe']} seed {last['seed']}: eval {last['eval_mrr']:.4f} "
                       f"test {last['test_mrr']:.4f} {last['seconds']:.0f} s", file=sys.stderr, flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"bases": bases, "results": results}, indent=2) + "\n")
     for data_set in args.sets:
         summarise_set(results, data_set, names, mine_seconds[data_set])
     if len(args.seeds) > 1:
         verdicts(results, args.sets, names)
+    guard_table(results, bases, args.sets, names)
 
 
 if __name__ == "__main__":

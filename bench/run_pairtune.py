@@ -161,16 +161,22 @@ def precision(args) -> str:
 
 
 def overrides_for(args) -> list[str]:
-    """Outputs under ``--work``, no checkpoints (the trainer saves none either); tracking off or into a store."""
+    """Outputs under ``--work``, no checkpoints (the trainer saves none either); tracking off or into a store.
+
+    The guard is off: the trainer does no general-retrieval evaluation or blending, so like for like leaves
+    it out (its own cost is a line of its own in ``make bench``).
+    """
     work = args.work.resolve()
     overrides = [
         f"paths.prepared={args.prepared.resolve()}",
         f"paths.model={work}/model",
+        f"paths.final={work}/final",
         f"paths.checkpoints={work}/checkpoints",
         f"paths.reports={work}/reports",
         f"train.epochs={args.epochs}",
         f"train.max_steps={args.max_steps}",
         "train.save_checkpoints=false",
+        "guard.enabled=false",
         f"tracking.enabled={str(args.tracking_uri is not None).lower()}",
     ]
     if args.tracking_uri:

@@ -89,7 +89,9 @@ def short_run_overrides(prepared, work) -> list[str]:
     return [
         f"paths.prepared={prepared}",
         f"paths.model={work}/model",
+        f"paths.final={work}/final",
         f"paths.checkpoints={work}/ckpt",
+        "guard.enabled=false",
         "train.eval_on_start=false",
         "train.save_checkpoints=false",
         "tracking.enabled=false",

@@ -7,6 +7,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from pairtune import numerics
 from pairtune.config import load_settings
 from pairtune.entrypoint import check_inputs, exit_on_user_error, isolate_outputs, quiet_third_party
 from pairtune.tracking import stage_run
@@ -17,16 +18,18 @@ from pairtune.tracking import stage_run
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = isolate_outputs(load_settings(cfg), "reports")
-    check_inputs(settings, "model.name", "paths.model", "paths.prepared", "promotion.source")
+    numerics.apply(settings)  # reproducible: starts this process again with every kernel choice pinned
+    check_inputs(settings, "model.name", "paths.final", "paths.prepared", "promotion.source")
     from pairtune.evaluation import run_evaluate
 
     with stage_run(settings, stage="evaluate") as reporter:
         report = run_evaluate(settings)
-        for label in ("base", "trained"):
+        for label in ("base", "final"):
             reporter.log_metrics({f"test_{label}_{k}": v for k, v in report[label].items()})
-        reporter.log_metrics({f"promotion_{k}": v for k, v in report["promotion"].items() if isinstance(v, float)})
+        for part in ("promotion", "general"):
+            reporter.log_metrics({f"{part}_{k}": v for k, v in report.get(part, {}).items() if isinstance(v, float)})
         reporter.log_json(report, "reports/metrics.json")
-        reporter.log_comparison_plots({k: report[k] for k in ("base", "trained")}, "plots/test")
+        reporter.log_comparison_plots({k: report[k] for k in ("base", "final")}, "plots/test")
         reporter.promote(report)  # decided on the promotion set (eval split), only against the same data
     print(json.dumps(report, indent=2))
 

@@ -7,6 +7,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from pairtune import numerics
 from pairtune.config import load_settings
 from pairtune.entrypoint import check_inputs, exit_on_user_error, isolate_outputs, quiet_third_party
 from pairtune.tracking import stage_run
@@ -17,7 +18,8 @@ from pairtune.tracking import stage_run
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = isolate_outputs(load_settings(cfg), "onnx", "reports")
-    check_inputs(settings, "paths.model", "paths.prepared")
+    numerics.apply(settings)  # reproducible: starts this process again with every kernel choice pinned
+    check_inputs(settings, "paths.final", "paths.prepared")
     from pairtune.export import flat_export_metrics, run_export
 
     with stage_run(settings, stage="export") as reporter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from pairtune import numerics
 from pairtune.config import load_settings
 from pairtune.entrypoint import check_inputs, exit_on_user_error, quiet_third_party
 from pairtune.mining import run_mine
@@ -15,6 +16,8 @@ from pairtune.mining import run_mine
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     settings = load_settings(cfg)
+    if settings.mining.enabled:  # disabled, the stage is a torch-free byte copy
+        numerics.apply(settings)
     check_inputs(settings, "paths.prepared", *(("model.name",) if settings.mining.enabled else ()))
     run_mine(settings)
 

@@ -8,6 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pairtune import numerics
 from pairtune.checkpoint import Checkpoint
 from pairtune.config import load_settings, settle_batch_sampler, to_plain_dict
 from pairtune.entrypoint import (
@@ -30,13 +31,14 @@ log = logging.getLogger("pairtune.train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
-    settings = isolate_outputs(load_settings(cfg), "model", "checkpoints", "reports")
+    settings = isolate_outputs(load_settings(cfg), "model", "final", "checkpoints", "reports")
+    numerics.apply(settings)  # reproducible: starts this process again with every kernel choice pinned
     check_inputs(settings, "model.name", "paths.prepared")  # a typo fails here, before any run is opened
     apply_mined_negatives(settings)  # the mine stage's output names its negative column in mining.json
     settle_batch_sampler(settings)  # a negative column trains with no_duplicates batches
     checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
     resume_run = checkpoint.resumable_run_id(settings.train.resume)
-    from pairtune.reports import write_training_plots
+    from pairtune.reports import write_guard_report, write_training_plots
     from pairtune.training import train  # torch and friends: only once every quick check has passed
 
     try:
@@ -50,6 +52,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(stop.exit_code)
     if is_main_process():
         write_training_plots(result, settings.paths.reports)
+        write_guard_report(result, settings.paths.reports)
     return result.objective
 
 

@@ -43,11 +43,14 @@ def make_settings(tmp_path: Path):
         base = [
             f"paths.prepared={tmp_path}/prepared",
             f"paths.model={tmp_path}/model",
+            f"paths.final={tmp_path}/final",
+            f"paths.general_cache={ROOT}/.cache/general",
             f"paths.checkpoints={tmp_path}/checkpoints",
             f"paths.reports={tmp_path}/reports",
             f"paths.onnx={tmp_path}/onnx",
             f"data.source={BUNDLED}",
             "tracking.enabled=false",
+            "guard.enabled=false",  # the guard's tests turn it on: a general evaluation takes seconds
         ]
         return load_settings(compose_config(base + list(overrides)))
 

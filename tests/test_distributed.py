@@ -99,7 +99,7 @@ def test_two_process_training_matches_one_process_weights(tmp_path, prepared_bun
     common = [
         f"paths.prepared={prepared_bundled}", "model.dropout=0.0", "train.max_steps=3", "train.epochs=1",
         "train.eval_on_start=false", "train.save_checkpoints=false", f"tracking.uri={uri}", "tracking.log_model=false",
-        f"paths.reports={tmp_path}/reports", f"hydra.run.dir={tmp_path}/hydra",
+        f"paths.reports={tmp_path}/reports", f"hydra.run.dir={tmp_path}/hydra", "guard.enabled=false",
     ]
     torchrun("pipelines/train.py", *common, "train.batch_size=16", "loss.gather_across_devices=true",
              f"paths.model={tmp_path}/ddp", "tracking.run_name=ddp")
@@ -140,7 +140,7 @@ def launch_two_nodes(tmp_path, *args: str) -> list[str]:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
             "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "pipelines/train.py", *args, f"paths.checkpoints={tmp_path}/ckpt-node{node}",
+            "pipelines/train.py", *args, "guard.enabled=false", f"paths.checkpoints={tmp_path}/ckpt-node{node}",
             f"hydra.run.dir={tmp_path}/hydra-node{node}",
         ]
         log = (tmp_path / f"node{node}.log").open("w")
@@ -192,6 +192,7 @@ def test_the_slurm_preset_sweeps_through_submitit_locally(tmp_path, prepared_bun
     done = subprocess.run(
         [sys.executable, "pipelines/train.py", "-m", "hydra/launcher=slurm_local", "train.lr=1e-5,2e-5",
          "experiment=smoke", "train.max_steps=1", "train.eval_on_start=false", "tracking.log_model=false",
+         "guard.enabled=false",
          f"tracking.uri={uri}", f"paths.prepared={prepared_bundled}", f"paths.model={tmp_path}/model",
          f"paths.reports={tmp_path}/reports", f"hydra.sweep.dir={tmp_path}/multirun"],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,

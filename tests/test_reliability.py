@@ -25,7 +25,8 @@ def train_command(tmp_path: Path, prepared: Path, name: str, *extra: str) -> lis
         sys.executable, "pipelines/train.py", f"paths.prepared={prepared}", f"paths.model={tmp_path}/{name}",
         f"paths.checkpoints={tmp_path}/ckpt-{name}", f"paths.reports={tmp_path}/reports-{name}",
         "train.epochs=1", "train.eval_on_start=false", f"tracking.uri=sqlite:///{tmp_path}/store.db",
-        "tracking.log_model=false", f"tracking.run_name={name}", f"hydra.run.dir={tmp_path}/hydra-{name}", *extra,
+        "tracking.log_model=false", f"tracking.run_name={name}", f"hydra.run.dir={tmp_path}/hydra-{name}",
+        "guard.enabled=false", *extra,
     ]
 
 
@@ -206,10 +207,10 @@ def test_bad_config_fails_before_work_and_before_any_run(tmp_path, override, mes
          "config key 'train.resume': no checkpoint to resume in {tmp}/typo (check hydra.run.dir or paths.checkpoints; "
          "train.resume=auto starts a new run when there is none)"),
         ("train", ["train.resume=maybe"], "config key 'train.resume': must be true, false or auto, got 'maybe'"),
-        ("evaluate", ["paths.model={tmp}/nomodel"],
-         "config key 'paths.model': {tmp}/nomodel: no such folder (train a model first, or point paths.model at one)"),
-        ("export", ["paths.model={tmp}"], "config key 'paths.model': {tmp}: not a saved model (no modules.json or config.json)"),
-        ("evaluate", ["paths.model={model}", "promotion.source={tmp}/fixed.jsonl"],
+        ("evaluate", ["paths.final={tmp}/nomodel"],
+         "config key 'paths.final': {tmp}/nomodel: no such folder (train a model first, or point paths.final at one)"),
+        ("export", ["paths.final={tmp}"], "config key 'paths.final': {tmp}: not a saved model (no modules.json or config.json)"),
+        ("evaluate", ["paths.final={model}", "promotion.source={tmp}/fixed.jsonl"],
          "config key 'promotion.source': {tmp}/fixed.jsonl: file not found"),
         ("mine", ["mining.enabled=true", "model.name=nobody/nothing"],
          "config key 'model.name': nobody/nothing: no such folder, and no such hub id in the offline cache (HF_HUB_OFFLINE=1)"),

@@ -44,6 +44,7 @@ def run(make_settings, prepared: Path, out: Path, *extra: str, stop_at: int | No
 
     settings = make_settings(
         f"paths.prepared={prepared}", f"paths.model={out}/model", f"paths.checkpoints={out}/ckpt",
+        f"paths.final={out}/final", "guard.enabled=false",
         "train.epochs=2", "train.eval_every_steps=4", "train.lr=2e-4", *extra,
     )
     with graceful_stop():

@@ -255,7 +255,7 @@ def test_two_processes_train_to_the_end_with_no_duplicates_on_shared_sentences(t
         "pipelines/train.py", f"paths.prepared={prepared}", f"paths.model={tmp_path}/model",
         f"paths.checkpoints={tmp_path}/ckpt", f"paths.reports={tmp_path}/reports", f"hydra.run.dir={tmp_path}/h2",
         "train.batch_sampler=no_duplicates", "train.batch_size=4", "train.epochs=2", "train.eval_on_start=false",
-        "tracking.enabled=false",
+        "tracking.enabled=false", "guard.enabled=false",
     )  # fmt: skip
     # Then training ends normally and writes the model
     assert done.returncode == 0, done.stderr[-4000:]

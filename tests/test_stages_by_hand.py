@@ -15,7 +15,7 @@ from .test_reliability import ENV
 
 def stage(script: str, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, f"pipelines/{script}.py", f"tracking.uri=sqlite:///{tmp_path}/store.db",
-               f"hydra.run.dir={tmp_path}/{name}", *extra]
+               f"hydra.run.dir={tmp_path}/{name}", "guard.enabled=false", *extra]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -38,16 +38,16 @@ def test_by_hand_evaluate_and_export_log_into_the_run_that_trained_the_model(tmp
         runs[name] = mlflow.search_runs(experiment_names=["pairtune"], filter_string=f"attributes.run_name = '{name}'",
                                         output_format="list")[0].info.run_id
     before = pipeline_outputs()
-    model = tmp_path / "first/models/trained"
+    model = tmp_path / "first/models/final"
     # When the first run's model is evaluated and exported by hand
-    evaluated = stage("evaluate", tmp_path, "eval", f"paths.model={model}", f"paths.prepared={prepared_bundled}")
-    exported = stage("export", tmp_path, "export", f"paths.model={model}", f"paths.prepared={prepared_bundled}")
+    evaluated = stage("evaluate", tmp_path, "eval", f"paths.final={model}", f"paths.prepared={prepared_bundled}")
+    exported = stage("export", tmp_path, "export", f"paths.final={model}", f"paths.prepared={prepared_bundled}")
     # Then both say which model and which run, and log into that run, not the other one
     for done in (evaluated, exported):
         assert f"{model}: logging into MLflow run {runs['first']}, which trained it" in done.stderr
     client = mlflow.MlflowClient()
     first, second = client.get_run(runs["first"]).data, client.get_run(runs["second"]).data
-    assert "test_trained_cosine_mrr_at_10" in first.metrics and "export_cosine_min_fp32" in first.metrics
+    assert "test_final_cosine_mrr_at_10" in first.metrics and "export_cosine_min_fp32" in first.metrics
     assert not any(key.startswith(("test_", "export_")) for key in second.metrics)
     assert first.tags["pairtune.stage.evaluate"] == "done" and first.tags["pairtune.stage.export"] == "done"
     # and their outputs land in their own folders, never in the pipeline's
@@ -61,11 +61,11 @@ def test_a_model_no_run_trained_is_evaluated_into_a_new_run_that_names_it(tmp_pa
     # Given a model trained with tracking off
     stage("train", tmp_path, "untracked", f"paths.prepared={prepared_bundled}", "train.max_steps=1",
           "train.eval_on_start=false", "tracking.enabled=false")
-    model = tmp_path / "untracked/models/trained"
+    model = tmp_path / "untracked/models/final"
     # When it is evaluated by hand
-    done = stage("evaluate", tmp_path, "eval", f"paths.model={model}", f"paths.prepared={prepared_bundled}")
+    done = stage("evaluate", tmp_path, "eval", f"paths.final={model}", f"paths.prepared={prepared_bundled}")
     # Then a new run holds the scores and names the model
     assert f"{model}: no MLflow run trained these weights; logging into a new run" in done.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store.db")
     (run,) = mlflow.search_runs(experiment_names=["pairtune"], output_format="list")
-    assert run.data.tags["pairtune.evaluate.model"] == str(model) and "test_trained_cosine_mrr_at_10" in run.data.metrics
+    assert run.data.tags["pairtune.evaluate.model"] == str(model) and "test_final_cosine_mrr_at_10" in run.data.metrics

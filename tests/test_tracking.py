@@ -145,7 +145,8 @@ def run_sweep(folder: Path, uri: str) -> None:
     """``pipelines/train.py -m`` over two learning rates, one step each, on freshly prepared data."""
     prepared = f"paths.prepared={folder}/prepared"
     subprocess.run([sys.executable, "pipelines/prepare.py", prepared], cwd=ROOT, check=True)
-    sweep = ["-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1", "train.eval_on_start=false"]
+    sweep = ["-m", "train.lr=1e-5,3e-5", "experiment=smoke", "train.max_steps=1", "train.eval_on_start=false",
+             "guard.enabled=false"]
     outputs = [
         f"paths.model={folder}/model",
         f"paths.reports={folder}/reports",
@@ -258,7 +259,7 @@ def test_the_keep_command_reruns_only_the_keys_that_shape_a_run():
 def test_make_tune_sweeps_lr_and_epochs_and_prints_the_dvc_command_of_the_best(tmp_path, prepared_bundled):
     # Given the tune search, shrunk to 2 trials of 2 steps
     done = subprocess.run(
-        [sys.executable, "pipelines/train.py", "hparams_search=tune", "hydra.sweeper.n_trials=2",
+        [sys.executable, "pipelines/train.py", "hparams_search=tune", "hydra.sweeper.n_trials=2", "guard.enabled=false",
          "hydra.sweeper.sampler.n_startup_trials=2", "train.max_steps=2", "train.save_checkpoints=false",
          "tracking.log_model=false", f"tracking.uri=sqlite:///{tmp_path}/tune.db", f"paths.prepared={prepared_bundled}",
          f"hydra.sweep.dir={tmp_path}/multirun"],

@@ -44,8 +44,9 @@ def train_tracked(folder: Path, prepared: Path, uri: str, name: str, lr: str) ->
     from pairtune.training import train
 
     overrides = [f"train.lr={lr}", f"tracking.run_name={name}", f"tracking.experiment={EXPERIMENT}"]
-    tiny = ["train.max_steps=1", "train.epochs=1", "train.eval_on_start=true", "train.save_checkpoints=false"]
-    paths = [f"paths.{key}={folder}/{name}/{key}" for key in ("model", "checkpoints", "reports")]
+    tiny = ["train.max_steps=1", "train.epochs=1", "train.eval_on_start=true", "train.save_checkpoints=false",
+            "guard.enabled=false"]
+    paths = [f"paths.{key}={folder}/{name}/{key}" for key in ("model", "final", "checkpoints", "reports")]
     inputs = [f"paths.prepared={prepared}", f"data.source={BUNDLED}"]
     store = [f"tracking.uri={uri}", "tracking.log_model=false"]
     settings = load_settings(compose_config([*inputs, *paths, *tiny, *store, *overrides]))

@@ -97,8 +97,15 @@ class CardContext:
     epoch_steps: list[int]
     world_size: int
     global_batch_size: int
+    guard: list[str] | None  # the final model's card: which blend the guard chose, why, and the tables
     python_version: str
     framework_versions: dict[str, str]
+
+
+def numerics_mode() -> str:
+    from pairtune.numerics import current
+
+    return current()
 
 
 def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, object]:
@@ -129,6 +136,7 @@ def hyperparameters(settings: PairtuneConfig, result: TrainResult) -> dict[str, 
         "global_batch_size": result.global_batch_size,
         "mini_batch_size": loss.mini_batch_size,
         "gather_across_devices": loss.gather_across_devices,
+        "numerics": numerics_mode(),  # the mode, never the CPU: the card is the same bytes on every CPU
     }
 
 
@@ -152,27 +160,58 @@ def logs_table(rows: list[EpochRow], selected_step: int | None = None) -> list[s
     return lines
 
 
+def guard_lines(report) -> list[str]:
+    """The final card's guard section: the choice and why, general retrieval against the base, the blends."""
+    from pairtune.guard import GENERAL_METRICS
+
+    general = {"base model": report.base_general, "trained model": report.trained_general, "final model": report.final.general}
+    lines = [
+        f"The final model is the blend (1 - a) x base + a x trained with {report.why}.",
+        "",
+        f"General retrieval on {report.general_set}, outside the task (`guard.max_drop` = {report.max_drop}):",
+        "",
+        "| model | " + " | ".join(GENERAL_METRICS) + " | change in MRR@10 |",
+        "|:------|" + "|".join(":-----:" for _ in GENERAL_METRICS) + "|:-----:|",
+    ]
+    for label, scores in general.items():
+        change = -report.drop(scores)
+        lines.append(f"| {label} | " + " | ".join(f"{scores[m]:.4f}" for m in GENERAL_METRICS) + f" | {change:+.4f} |")
+    lines += ["", "| a | eval cosine_mrr@10 | general cosine_mrr@10 |", "|:-:|:-----:|:-----:|"]
+    for row in report.rows:
+        task, scored = row.task["cosine_mrr@10"], row.general
+        cells = [f"{row.a:g}", f"{task:.4f}", f"{scored['cosine_mrr@10']:.4f}" if scored else "not scored"]
+        if row.a == report.chosen:
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "* The bold row is the final model; blends are scored on the general set best eval first, "
+              "until one passes (`guard.score_all=true` scores all)."]
+    return lines
+
+
 def card_context(
-    *, model, settings: PairtuneConfig, result: TrainResult, train_frame: pd.DataFrame, columns: Columns
+    *, model, settings: PairtuneConfig, result: TrainResult, train_frame: pd.DataFrame, columns: Columns,
+    final: bool = False,
 ) -> CardContext:
     """Gather what the card shows from the model, the config, the run and its training split.
 
-    ``model`` is the trained SentenceTransformer; only its tokenizer, repr and sizes are read.
+    ``model`` is the trained SentenceTransformer (the final one with ``final``: the guard's choice, whose
+    card says which blend it is); only its tokenizer, repr and sizes are read.
     """
     if result.similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {result.similarity!r}; expected one of {sorted(SIMILARITIES)}")
     hparams = hyperparameters(settings, result)
+    metrics = result.guard.final.task if final and result.guard is not None else result.final_metrics
     return CardContext(
         base_model=_portable(settings.model.name),
         dataset_name=_portable(settings.data.source),
-        model_path=_portable(settings.paths.model),
+        model_path=_portable(settings.paths.final if final else settings.paths.model),
         dataset_size=len(train_frame),
         max_seq_length=model.max_seq_length,
         dimensions=model.get_embedding_dimension(),
         similarity_name=SIMILARITIES[result.similarity][0],
         architecture=str(model),
         **_dataset_fields(model, train_frame, columns),
-        metrics={m: result.final_metrics[m] for m in CARD_METRICS if m in result.final_metrics},
+        metrics={m: metrics[m] for m in CARD_METRICS if m in metrics},
         **_loss_fields(settings, result),
         non_default_hyperparameters={
             k: str(v) for k, v in hparams.items() if k in TRAINER_DEFAULTS and TRAINER_DEFAULTS[k] != v
@@ -183,6 +222,7 @@ def card_context(
         epoch_steps=list(result.epoch_steps),
         world_size=result.world_size,
         global_batch_size=result.global_batch_size,
+        guard=guard_lines(result.guard) if final and result.guard is not None else None,
         python_version=platform.python_version(),
         framework_versions=_framework_versions(),
     )

@@ -87,8 +87,15 @@ DOES_NOT_SHAPE_THE_RUN = (
     "paths.onnx",
     "tracking.enabled", "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.log_model",
     "tracking.registered_model", "tracking.flush_seconds",
-    "export.opset", "export.batch_size", "export.min_cosine_fp32", "export.min_cosine_int8",
+    "export.opset", "export.batch_size", "export.min_cosine_fp32", "export.min_cosine_int8", "export.int8_weights",
     "promotion.source",
+    # the guard chooses the final model after training: a resume trains the same run
+    "paths.final", "paths.general_cache",
+    "general.source", "general.corpus", "general.query_column", "general.passage_column", "general.revision",
+    "general.subset", "general.split", "general.batch_size",
+    "guard.enabled", "guard.max_drop", "guard.grid", "guard.score_all",
+    # which kernels run: the last float digits, not the run (as train.num_threads)
+    "numerics.mode", "numerics.threads",
 )
 
 

@@ -174,7 +174,9 @@ class PathsConfig:
     prepared: str = "data/prepared"
     mined: str = "data/mined"  # the mine stage's output: the prepared splits, train with mined negatives
     mining_cache: str = ".cache/mining"  # base-model embeddings, keyed by the model's weights
-    model: str = "models/trained"
+    model: str = "models/trained"  # the trained model, with the seed card's card
+    final: str = "models/final"  # what evaluate, export, the registry and serving use: the guard's blend
+    general_cache: str = ".cache/general"  # general-set scores, keyed by a model's weights and the set
     checkpoints: str = "checkpoints"
     reports: str = "reports"
     onnx: str = "models/onnx"
@@ -200,10 +202,59 @@ class ExportConfig:
     batch_size: int = 32  # encode throughput is measured at this batch size
     min_cosine_fp32: float = 0.9999  # parity floor, every test sentence
     min_cosine_int8: float = 0.99
+    # quint8: the same int8 embeddings on every x86-64 CPU, and above the floor on AVX2-only ones (measured
+    # 0.9947 min cosine); qint8: about 1.5x the int8 speed on CPUs with AVX-512 VNNI, but AVX2-only CPUs
+    # saturate (vpmaddubsw) and fall under 0.99
+    int8_weights: str = "quint8"
 
     def __post_init__(self) -> None:
+        _require(self.int8_weights in ("quint8", "qint8"), "export.int8_weights", "quint8|qint8")
         _require(self.opset >= 14, "export.opset", "must be >= 14")
         _require(self.batch_size > 0, "export.batch_size", "must be > 0")
+
+
+@dataclass
+class GeneralConfig:
+    """The general-retrieval set the guard scores (pairtune.guard): queries and passages outside the task."""
+
+    source: str | None = "data/general/pairs.jsonl"  # any form data.source takes; None = no general set, no guard
+    corpus: str | None = "data/general/distractors.jsonl"  # passages relevant to no query (near misses); None = none
+    query_column: str = "query"
+    passage_column: str = "passage"
+    revision: str | None = None  # hub datasets, as data.*
+    subset: str | None = None
+    split: str = "train"
+    batch_size: int = 64  # encoding batch of a general evaluation
+
+    def __post_init__(self) -> None:
+        _require(self.query_column != self.passage_column, "general.passage_column", "must differ from query_column")
+        _require(self.batch_size > 0, "general.batch_size", "must be > 0")
+
+
+@dataclass
+class GuardConfig:
+    """Never worse than the base model: the final model is the best blend that keeps general retrieval."""
+
+    enabled: bool = True  # false: the final model is the trained one, no general set is scored
+    max_drop: float = 0.005  # the final model's general MRR@10 may fall at most this much below the base's
+    grid: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    score_all: bool = False  # score every blend on the general set (for the table), not only until one passes
+
+    def __post_init__(self) -> None:
+        _require(self.max_drop >= 0, "guard.max_drop", f"must be >= 0, got {self.max_drop}")
+        _require(all(0.0 <= a <= 1.0 for a in self.grid), "guard.grid", "every a must be in [0, 1]")
+
+
+@dataclass
+class NumericsConfig:
+    """Which kernels run: the same bytes on any x86-64 CPU with AVX2, or this CPU's fastest (pairtune.numerics)."""
+
+    mode: str = "auto"  # auto: reproducible in a DVC stage, fastest on the command line | reproducible | fastest
+    threads: int = 2  # reproducible: every process's thread count (bytes change with it)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("auto", "reproducible", "fastest"), "numerics.mode", "auto|reproducible|fastest")
+        _require(self.threads > 0, "numerics.threads", "must be > 0")
 
 
 @dataclass
@@ -224,6 +275,9 @@ class PairtuneConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
 
     def __post_init__(self) -> None:
         _require(

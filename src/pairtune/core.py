@@ -7,7 +7,7 @@ seam and the sweep callback can use these without paying for the heavy stack.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,6 +96,9 @@ class TrainResult:
     pairs_per_second: float
     similarity: str = "cosine"
     selected_step: int | None = None  # train.select_best: the step whose weights were saved
+    final_dir: Path | None = None  # the final model (paths.final): the guard's blend, or the trained model
+    guard: Any = None  # pairtune.guard.GuardReport when the guard ran
+    warnings: list[str] = field(default_factory=list)  # "why no gain" signals the run raised
 
     @property
     def final_metrics(self) -> dict[str, float]:

@@ -128,7 +128,7 @@ def check_inputs(settings: PairtuneConfig, *keys: str) -> None:
 
     checks = {
         "model.name": lambda: check_model_name(settings.model.name),
-        "paths.model": lambda: check_model_folder(settings.paths.model, "paths.model"),
+        "paths.final": lambda: check_model_folder(settings.paths.final, "paths.final"),
         "paths.prepared": lambda: check_prepared(settings.paths.prepared),
     }
     for key in keys:

@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from pairtune.config import PairtuneConfig
-from pairtune.core import CARD_METRICS, metric_key
+from pairtune.core import CARD_METRICS, PRIMARY_METRIC, metric_key
 from pairtune.data import Columns, load_prepared, pairs_digest, read_pairs
 from pairtune.files import write_json_atomic
 
@@ -64,23 +64,40 @@ def promotion_set(settings: PairtuneConfig, splits: dict[str, pd.DataFrame]) -> 
 
 
 def run_evaluate(settings: PairtuneConfig) -> dict:
-    """Test-split metrics of the base and the trained model, and the trained model's promotion figure.
+    """Test-split metrics of the base and the final model, the promotion figure and the general-retrieval change.
 
     The test split is the held-out result; champion/challenger is decided on the promotion set (the eval
-    split unless ``promotion.source`` names a fixed one), never on test. Written to reports/metrics.json.
+    split unless ``promotion.source`` names a fixed one), never on test, and only for a final model whose
+    general MRR@10 stays within ``guard.max_drop`` of the base's. Written to reports/metrics.json.
     """
     from pairtune.modeling import load_model
 
     columns = Columns.of(settings.data)
     splits = load_prepared(settings.paths.prepared)
     promotion, described = promotion_set(settings, splits)  # a missing named set fails before any model loads
-    report, batch = {}, settings.train.eval_batch_size
-    for label, name in (("base", settings.model.name), ("trained", settings.paths.model)):
-        model = load_model(name, max_seq_length=settings.model.max_seq_length,
-                           trust_remote_code=settings.model.trust_remote_code)
-        report[label] = evaluate_split(model, splits["test"], columns, batch_size=batch)
+    report, batch, models = {}, settings.train.eval_batch_size, {}
+    for label, name in (("base", settings.model.name), ("final", settings.paths.final)):
+        models[label] = load_model(name, max_seq_length=settings.model.max_seq_length,
+                                   trust_remote_code=settings.model.trust_remote_code)
+        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch)
     report["test_rows"] = len(splits["test"])
-    scored = evaluate_split(model, promotion, Columns(columns.anchor, columns.positive), batch_size=batch)
+    scored = evaluate_split(models["final"], promotion, Columns(columns.anchor, columns.positive), batch_size=batch)
     report["promotion"] = {"data": described, "sha256": pairs_digest(promotion, columns), **scored}
+    general = general_change(settings, models)
+    if general is not None:
+        report["general"] = general
     write_json_atomic(Path(settings.paths.reports) / "metrics.json", report)
     return report
+
+
+def general_change(settings: PairtuneConfig, models: dict) -> dict | None:
+    """The general-retrieval MRR@10 of the base and the final model and the change (cached: the guard scored them)."""
+    from pairtune.guard import GeneralScorer, load_general_set
+
+    general = load_general_set(settings) if settings.guard.enabled else None
+    if general is None:
+        return None
+    scorer = GeneralScorer(general, batch_size=settings.general.batch_size, cache=settings.paths.general_cache)
+    base, final = (scorer(models[label])[PRIMARY_METRIC] for label in ("base", "final"))
+    return {"data": general.label, "base_cosine_mrr_at_10": base, "final_cosine_mrr_at_10": final,
+            "change_cosine_mrr_at_10": round(final - base, 6), "max_drop": settings.guard.max_drop}

@@ -214,10 +214,17 @@ def apply_smoothing(model: SentenceTransformer, sentences: list[str], *, alpha: 
             setattr(bert.get_submodule(parent_name), child, SmoothedLinear(linear, 1.0 / scales[name]))
 
 
-def quantize_int8(model: SentenceTransformer, path: Path, *, opset: int, calibration: list[str]) -> None:
-    """Smooth, export to a scratch fp32 graph, then quantise its weights to int8 per output channel.
+WEIGHT_TYPES = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
 
-    Mutates ``model``; call after the plain fp32 export.
+
+def quantize_int8(
+    model: SentenceTransformer, path: Path, *, opset: int, calibration: list[str], weights: str = "quint8"
+) -> None:
+    """Smooth, export to a scratch fp32 graph, then quantise its weights to 8 bits per output channel.
+
+    ``weights`` (``export.int8_weights``): ``quint8`` (unsigned) runs the same kernels' arithmetic on every x86
+    CPU, so its embeddings are the same bytes everywhere; ``qint8`` (signed) is faster with AVX-512 VNNI but
+    saturates on AVX2-only CPUs. Mutates ``model``; call after the plain fp32 export.
     """
     apply_smoothing(model, calibration, alpha=SMOOTH_ALPHA)
     with tempfile.TemporaryDirectory() as scratch:
@@ -228,7 +235,7 @@ def quantize_int8(model: SentenceTransformer, path: Path, *, opset: int, calibra
         level = root.level
         root.setLevel(logging.WARNING)  # the quantiser logs one INFO line per tensor on the root logger
         try:
-            quantize_dynamic(smoothed, path, weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(smoothed, path, weight_type=WEIGHT_TYPES[weights], per_channel=True)
         finally:
             root.setLevel(level)
 
@@ -250,7 +257,7 @@ def copy_tokenizer(model_dir: Path, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
-def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int) -> dict:
+def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int, weights: str = "quint8") -> dict:
     return {
         "max_seq_length": int(model.max_seq_length),
         "pooling": "mean",
@@ -262,7 +269,7 @@ def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int
         "variants": {variant: f"{ONNX_SUBDIR}/{name}" for variant, name in VARIANT_FILES.items()},
         "int8": {
             "method": "dynamic",
-            "weights": "QInt8 per channel",
+            "weights": f"{WEIGHT_TYPES[weights].name} per channel",
             "smooth_alpha": SMOOTH_ALPHA,
             "calibration_sentences": calibration_size,
         },
@@ -279,6 +286,7 @@ def export_onnx(
     *,
     opset: int = 17,
     calibration_sentences: Iterable[str] | None = None,
+    int8_weights: str = "quint8",
 ) -> dict:
     """Write ``out_dir`` whole (tokenizer, metadata, fp32 and int8 graphs) and return its paths and sizes.
 
@@ -291,13 +299,14 @@ def export_onnx(
         model = load_exportable(model_dir)
         (folder / ONNX_SUBDIR).mkdir()
         copy_tokenizer(model_dir, folder)
-        meta = export_meta(model, opset=opset, calibration_size=len(calibration))
+        meta = export_meta(model, opset=opset, calibration_size=len(calibration), weights=int8_weights)
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         log.info("export: fp32 ONNX graph of %s", model_dir)
         export_graph(model, folder / ONNX_SUBDIR / VARIANT_FILES["fp32"], opset=opset)
         log.info("export: int8 quantisation (SmoothQuant on %d calibration sentences)", len(calibration))
         quantize_int8(
-            model, folder / ONNX_SUBDIR / VARIANT_FILES["int8"], opset=opset, calibration=calibration
+            model, folder / ONNX_SUBDIR / VARIANT_FILES["int8"], opset=opset, calibration=calibration,
+            weights=int8_weights,
         )
 
     write_atomic_dir(out_dir, fill)
@@ -374,11 +383,12 @@ def run_export(settings: PairtuneConfig) -> dict:
     columns, cfg = Columns.of(settings.data), settings.export
     splits = load_prepared(settings.paths.prepared)
     calibration = splits["train"][columns.anchor].tolist() + splits["train"][columns.positive].tolist()
-    files = export_onnx(settings.paths.model, settings.paths.onnx, opset=cfg.opset, calibration_sentences=calibration)
+    files = export_onnx(settings.paths.final, settings.paths.onnx, opset=cfg.opset, calibration_sentences=calibration,
+                        int8_weights=cfg.int8_weights)
     test = splits["test"]
     sentences = test[columns.anchor].tolist() + test[columns.positive].tolist()
     log.info("export: parity and speed against PyTorch on %d test sentences", len(sentences))
-    parity = measure_parity(settings.paths.model, settings.paths.onnx, sentences, batch_size=cfg.batch_size)
+    parity = measure_parity(settings.paths.final, settings.paths.onnx, sentences, batch_size=cfg.batch_size)
     floors = {"fp32": cfg.min_cosine_fp32, "int8": cfg.min_cosine_int8}
     parity["passed"] = {v: parity["cosine"][v]["min"] >= floor for v, floor in floors.items()}
     report = {"size_mb": files["size_mb"], **parity}

@@ -104,6 +104,23 @@ def mnrl_loss(
     return loss
 
 
+@torch.no_grad()
+def batch_signals(anchors: Tensor, columns: Sequence[Tensor], *, similarity: str) -> Tensor:
+    """``(in-batch accuracy, mean margin)`` of one process's batch: why a run may gain nothing.
+
+    Accuracy: how often an anchor's own positive outscores every other candidate of the batch. Margin: the
+    positive's similarity minus the hardest other candidate's, unscaled, averaged over anchors. Near 1 and
+    large from the first steps, the batch is too easy to teach anything.
+    """
+    scores = similarity_matrix(anchors.float(), torch.cat([c.float() for c in columns]), similarity)  # (B, C)
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    positive = scores[rows, rows]  # (B,)
+    others = scores.clone()
+    others[rows, rows] = float("-inf")
+    hardest = others.max(dim=1).values  # (B,)
+    return torch.stack([(positive > hardest).float().mean(), (positive - hardest).mean()])  # (2,)
+
+
 Embedder = Callable[[Features], Tensor]
 
 
@@ -143,6 +160,7 @@ def cached_mnrl_step(
     symmetric: bool = False,
     backward: Callable[[Tensor], None],
     sync: Callable[[bool], AbstractContextManager] = lambda is_last: nullcontext(),
+    observe: Callable[[list[Tensor]], None] = lambda reps: None,
 ) -> Tensor:
     """GradCache: the loss of a big batch with the activation memory of one mini-batch.
 
@@ -150,9 +168,10 @@ def cached_mnrl_step(
     to those embeddings; 3. re-embed each mini-batch with a graph (same dropout) and push the cached
     gradient through it. ``sync(is_last)`` wraps each re-embedding forward *and* its backward, so under
     DistributedDataParallel the caller can skip the gradient all-reduce for all but the last mini-batch
-    (DDP decides at forward time whether the next backward syncs).
+    (DDP decides at forward time whether the next backward syncs). ``observe`` sees every column's embeddings.
     """
     plan, reps = embed_without_graph(embed, batches, mini_batch_size)
+    observe(reps)
     loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather, symmetric=symmetric)
     loss.backward()
     for index, (column, start, stop, rng) in enumerate(plan):

@@ -85,7 +85,7 @@ def _hub_problem(name: str, timeout: float = 5.0) -> str | None:
 
 
 def check_model_folder(path: str, key: str) -> None:
-    """A model a stage reads from disk (``paths.model``): a folder holding a saved SentenceTransformer."""
+    """A model a stage reads from disk (``paths.final``): a folder holding a saved SentenceTransformer."""
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"config key '{key}': {path}: no such folder (train a model first, or point {key} at one)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pairtune.core import CARD_METRICS, TrainResult, metric_key
-from pairtune.files import write_text_atomic
+from pairtune.files import write_json_atomic, write_text_atomic
 
 
 def write_training_plots(result: TrainResult, reports: str | Path) -> None:
@@ -17,3 +17,9 @@ def write_training_plots(result: TrainResult, reports: str | Path) -> None:
     for row in result.rows:
         eval_rows.append(f"{row.step},{row.epoch}," + ",".join(f"{row.metrics[m]:.6f}" for m in CARD_METRICS))
     write_text_atomic(folder / "eval_metrics.csv", "\n".join(eval_rows) + "\n")
+
+
+def write_guard_report(result: TrainResult, reports: str | Path) -> None:
+    """``reports/guard.json``: the final model's blend, why, general retrieval of base, trained and final."""
+    if result.guard is not None:
+        write_json_atomic(Path(reports) / "guard.json", result.guard.as_dict())

@@ -30,7 +30,7 @@ from pairtune.core import PRIMARY_METRIC, EpochRow, NonFiniteLossError, NullObse
 from pairtune.data import Columns, load_prepared
 from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
 from pairtune.files import write_atomic_dir
-from pairtune.losses import cached_mnrl_step, mnrl_loss
+from pairtune.losses import batch_signals, cached_mnrl_step, mnrl_loss
 from pairtune.memory import reuse_freed_memory
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
@@ -152,9 +152,16 @@ def embed_columns(model: torch.nn.Module, accelerator: Accelerator, batches) -> 
 
 def compute_loss_and_backward(
     model, accelerator: Accelerator, batches, loss: LossConfig, *, sync: bool
-) -> torch.Tensor:
-    """Forward and backward for one micro-batch; one DDP gradient all-reduce, and only when ``sync``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward for one micro-batch; one DDP gradient all-reduce, and only when ``sync``.
+
+    Returns the loss and the batch's signals (:func:`pairtune.losses.batch_signals`), both detached.
+    """
     gather = loss.gather_across_devices and accelerator.num_processes > 1
+    signals: list[torch.Tensor] = []
+
+    def observe(embeddings: list[torch.Tensor]) -> None:
+        signals.append(batch_signals(embeddings[0], embeddings[1:], similarity=loss.similarity))
 
     def sync_context(is_last: bool = True):
         return nullcontext() if (sync and is_last) else accelerator.no_sync(model)
@@ -162,14 +169,16 @@ def compute_loss_and_backward(
     if loss.mini_batch_size is None:
         with sync_context():
             embeddings = embed_columns(model, accelerator, batches)
+            observe(embeddings)
             value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity,
                               gather=gather, symmetric=loss.symmetric)
             accelerator.backward(value)
-        return value.detach()
-    return cached_mnrl_step(
+        return value.detach(), signals[0]
+    value = cached_mnrl_step(
         embed_fn(model, accelerator), batches, mini_batch_size=loss.mini_batch_size, scale=loss.scale, similarity=loss.similarity,
-        gather=gather, symmetric=loss.symmetric, backward=accelerator.backward, sync=sync_context,
+        gather=gather, symmetric=loss.symmetric, backward=accelerator.backward, sync=sync_context, observe=observe,
     )
+    return value, signals[0]
 
 
 def optimizer_step(model, optimizer, scheduler, accelerator: Accelerator, max_grad_norm: float) -> float:
@@ -237,6 +246,8 @@ class TrainingContext:
     checkpoint: Checkpoint
     report: dict[str, Any]  # what the tracker logs as ``run.*`` params at the start
     best: BestWeights | None = None  # train.select_best, main process only
+    base_weights: dict[str, torch.Tensor] | None = None  # the guard's blends start here (main process only)
+    warnings: dict[str, str] = field(default_factory=dict)  # "why no gain" signals, each said once
 
     def save_checkpoint(self, state: LoopState, run_id: str | None) -> None:
         extra = self.best.save if self.best is not None else None
@@ -272,6 +283,9 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     scheduler = get_scheduler(train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps,
                               num_training_steps=schedule.total_steps)
     model.train()
+    base = None
+    if settings.guard.enabled and accelerator.is_main_process:  # a CPU copy of the weights before training
+        base = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
     model, optimizer = accelerator.prepare(encoder_for_training(model, settings.model.unpad), optimizer)
     accelerator.register_for_checkpointing(scheduler)
     eval_frame = cap_rows(splits["eval"], train_cfg.eval_max_rows, seed=train_cfg.seed)
@@ -280,12 +294,17 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     report = run_report(schedule, sampler, accelerator, train_rows=len(frame), eval_rows=len(eval_frame))
     best = BestWeights() if train_cfg.select_best and accelerator.is_main_process else None
     return TrainingContext(train_cfg, settings.loss, accelerator, model, optimizer, scheduler, sampler, schedule,
-                           tokens, evaluator, checkpoint, report, best)
+                           tokens, evaluator, checkpoint, report, best, base)
 
 
 def run_report(schedule: Schedule, sampler, accelerator: Accelerator, **rows: int) -> dict[str, Any]:
+    from pairtune import numerics
+
     steps = schedule.epoch_steps
     return {
+        "numerics": numerics.current(),
+        "numerics_detail": numerics.describe(),
+        "cpu": numerics.cpu_description(),
         "world_size": accelerator.num_processes,
         "global_batch_size": sampler.global_batch_size,
         "steps_per_epoch": steps[0] if len(set(steps)) == 1 else " ".join(map(str, steps)),
@@ -300,6 +319,7 @@ class UpdateWindow:
     """The micro-batches accumulated towards one optimizer step."""
 
     losses: list[torch.Tensor] = field(default_factory=list)
+    signals: list[torch.Tensor] = field(default_factory=list)  # (in-batch accuracy, margin) per micro-batch
     pairs: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -378,18 +398,57 @@ def run_epoch(ctx: TrainingContext, epoch: int, state: LoopState, observer: Obse
         epoch_end = index + 1 == len(local_batches)
         is_update = (index + 1) % accumulation == 0 or epoch_end
         batch = ctx.tokens.batch(rows)
-        window.losses.append(compute_loss_and_backward(ctx.model, ctx.accelerator, batch, ctx.loss, sync=is_update))
+        value, signals = compute_loss_and_backward(ctx.model, ctx.accelerator, batch, ctx.loss, sync=is_update)
+        window.losses.append(value)
+        window.signals.append(signals)
         window.pairs += len(rows)
         if not is_update:
             continue
         step_loss, grad_norm = apply_update(ctx, window, state.step + 1)
         progress = round(epoch + (index + 1) / len(local_batches), 4)
-        record_step(ctx, state, window, observer, train_loss=step_loss, grad_norm=grad_norm, epoch=progress)
+        accuracy, margin = torch.stack(window.signals).mean(dim=0).tolist()  # this process's batches
+        record_step(ctx, state, window, observer, train_loss=step_loss, grad_norm=grad_norm, epoch=progress,
+                    in_batch_accuracy=accuracy, hardest_margin=margin)
+        if epoch == 0:
+            warn_if_too_easy(ctx, step_loss, state.step)
         state.batches_done = index + 1
         end_step(ctx, state, observer, mark=float(epoch + 1) if epoch_end else progress, epoch_end=epoch_end)
         if state.step >= ctx.schedule.total_steps:
             return
         window = UpdateWindow()
+
+
+#: A step loss below this in the first epoch: the batch's negatives are too easy to teach anything.
+NEAR_ZERO_LOSS = 0.02
+
+
+def warn_if_too_easy(ctx: TrainingContext, step_loss: float, step: int) -> None:
+    """Once a run: a near-zero loss within the first epoch says the task is too easy for the batch."""
+    if step_loss >= NEAR_ZERO_LOSS or "too_easy" in ctx.warnings:
+        return
+    ctx.warnings["too_easy"] = (
+        f"training loss {step_loss:.4f} at step {step}, in the first epoch: the positives are already far above "
+        "every in-batch negative, so the batch is too easy to teach anything; try a larger train.batch_size, "
+        "mined negatives (mining.enabled=true) or train.batch_sampler=no_duplicates"
+    )
+    if ctx.accelerator.is_main_process:
+        log.warning(ctx.warnings["too_easy"])
+
+
+def warn_if_no_gain(ctx: TrainingContext, state: LoopState) -> None:
+    """Once, at the end: the last evaluation did not beat the step-0 (base model) one."""
+    if not state.rows or state.rows[0].step != 0 or len(state.rows) < 2:
+        return
+    base, last = state.rows[0].metrics[PRIMARY_METRIC], state.rows[-1].metrics[PRIMARY_METRIC]
+    if last > base:
+        return
+    ctx.warnings["no_gain"] = (
+        f"eval {PRIMARY_METRIC} ended at {last:.4f}, not above the base model's {base:.4f} at step 0: check the "
+        "in_batch_accuracy and hardest_margin metrics (a batch that is too easy teaches nothing), the learning "
+        "rate, and that the eval split is drawn like the train split"
+    )
+    if ctx.accelerator.is_main_process:
+        log.warning(ctx.warnings["no_gain"])
 
 
 def stop_requested(accelerator: Accelerator) -> bool:
@@ -451,6 +510,7 @@ def run_training(ctx: TrainingContext, observer: Observer) -> LoopState:
         if state.step >= schedule.total_steps:
             break
         run_epoch(ctx, epoch, state, observer)
+    warn_if_no_gain(ctx, state)
     return state
 
 
@@ -467,6 +527,7 @@ def train_result(settings: PairtuneConfig, ctx: TrainingContext, state: LoopStat
         train_seconds=state.seconds,
         pairs_per_second=state.pairs_seen / state.seconds if state.seconds else 0.0,
         similarity=settings.loss.similarity,
+        warnings=list(ctx.warnings.values()),
     )
 
 
@@ -487,6 +548,7 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
                 if ctx.best is not None:
                     result.selected_step = ctx.best.restore_into(model, last_step=result.global_step)
                 write_atomic_dir(result.model_dir, lambda folder: save_with_card(model, folder, settings, result, splits))
+                save_final_model(ctx, model, settings, result, splits)
                 observer.on_train_end(result)
             accelerator.wait_for_everyone()
         finally:
@@ -494,9 +556,32 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
     return result
 
 
-def save_with_card(model, folder: Path, settings: PairtuneConfig, result: TrainResult, splits: dict) -> None:
+def save_with_card(
+    model, folder: Path, settings: PairtuneConfig, result: TrainResult, splits: dict, *, final: bool = False
+) -> None:
     from pairtune.card import write_model_card
 
     model.save(str(folder), create_model_card=False, safe_serialization=True)
     write_model_card(folder / "README.md", model=model, settings=settings, result=result,
-                     train_frame=splits["train"], columns=Columns.of(settings.data))
+                     train_frame=splits["train"], columns=Columns.of(settings.data), final=final)
+
+
+def save_final_model(ctx: TrainingContext, model, settings: PairtuneConfig, result: TrainResult, splits: dict) -> None:
+    """The final model (``paths.final``): the guard's choice among blends with the base, or the trained model.
+
+    ``model`` holds the trained weights on entry and the final ones on return; ``result.guard`` says why.
+    """
+    from pairtune.guard import GeneralScorer, choose_blend, load_general_set
+
+    result.final_dir = Path(settings.paths.final)
+    general = load_general_set(settings) if ctx.base_weights is not None else None
+    if general is not None:
+        guard = settings.guard
+        scorer = GeneralScorer(general, batch_size=settings.general.batch_size, cache=settings.paths.general_cache)
+        trained = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+        result.guard = choose_blend(
+            model, ctx.base_weights, trained, grid=guard.grid, max_drop=guard.max_drop, score_all=guard.score_all,
+            task=lambda blended: run_evaluator(ctx.evaluator, blended), general=scorer,
+        )
+        log.info("guard: the final model is %s", result.guard.why)
+    write_atomic_dir(result.final_dir, lambda folder: save_with_card(model, folder, settings, result, splits, final=True))

@@ -40,6 +40,13 @@ class Candidate:
     data_sha256: str  # the promotion set's pairs digest
     data: str  # which set, in words: "the eval split (45 pairs)" or the file
     reported: float | None = None  # test-split MRR@10: reported, never decides
+    task_gain: float | None = None  # test MRR@10 over the base model's, for the description
+    general_change: float | None = None  # general-retrieval MRR@10 against the base (the guard's set)
+    max_drop: float | None = None  # guard.max_drop: a larger general loss is never champion
+
+    @property
+    def loses_general(self) -> bool:
+        return self.general_change is not None and self.max_drop is not None and -self.general_change > self.max_drop + 1e-9
 
 
 def pip_requirements() -> list[str]:
@@ -90,6 +97,9 @@ def decide(version: str, candidate: Candidate, champion: tuple[str | None, float
     """The alias this version earns against the champion (None: not comparable), and why, in one line."""
     current, best, digest = champion
     figure = f"MRR@10 {candidate.score:.4f} on {candidate.data}"
+    if candidate.loses_general:
+        return None, (f"refused: general-retrieval MRR@10 changes {candidate.general_change:+.4f} against the base "
+                      f"model, beyond guard.max_drop={candidate.max_drop}; keep the guard on (guard.enabled=true)")
     if current is None or current == version:
         return CHAMPION, f"champion: {figure}" + ("" if current is None else " (re-evaluated)")
     if digest != candidate.data_sha256 or best is None:
@@ -99,6 +109,18 @@ def decide(version: str, candidate: Candidate, champion: tuple[str | None, float
     if candidate.score > best:
         return CHAMPION, f"champion: {figure} beats version {current}'s {best:.4f}"
     return CHALLENGER, f"challenger: {figure} does not beat version {current}'s {best:.4f}"
+
+
+def describe(candidate: Candidate, why: str) -> str:
+    """The version's description: the deciding figure and the decision, then what is only reported."""
+    parts = [f"Decided on MRR@10 on {candidate.data}: {why}."]
+    if candidate.reported is not None:
+        parts.append(f"Held-out test MRR@10 {candidate.reported:.4f} (reported, not used to decide).")
+    if candidate.task_gain is not None:
+        parts.append(f"Task gain over the base model: test MRR@10 {candidate.task_gain:+.4f}.")
+    if candidate.general_change is not None:
+        parts.append(f"General retrieval: MRR@10 {candidate.general_change:+.4f} against the base model.")
+    return " ".join(parts)
 
 
 def promote(name: str | None, run_id: str, candidate: Candidate) -> str | None:
@@ -118,8 +140,7 @@ def promote(name: str | None, run_id: str, candidate: Candidate) -> str | None:
     if alias is not None:
         client.set_registered_model_alias(name, alias, version.version)
     client.set_tag(run_id, PROMOTION_TAG, why)
-    reported = "" if candidate.reported is None else f" Held-out test MRR@10 {candidate.reported:.4f} (reported, not used to decide)."
-    client.update_model_version(name, version.version, description=f"Decided on MRR@10 on {candidate.data}: {why}.{reported}")
+    client.update_model_version(name, version.version, description=describe(candidate, why))
     log.info("%s version %s: %s", name, version.version, why)
     return alias
 

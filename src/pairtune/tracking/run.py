@@ -89,16 +89,23 @@ class MlflowObserver(NullObserver):
         self.writer.put(step, {f"eval_{metric_key(k)}": v for k, v in metrics.items()}, urgent=True)
 
     def on_train_end(self, result: TrainResult) -> None:
+        """The card's tables and plots, the guard's choice, and the final model (logged and registered)."""
         self.writer.flush()
         log_training_logs(result)
         log_plots(result)
+        final = result.final_dir or result.model_dir
         write_lineage(self.settings, active_run_id())
-        digest = model_digest(result.model_dir)
+        if result.guard is not None:
+            log_guard(result)
+        for index, warning in enumerate(result.warnings):
+            self.mlflow.set_tag(f"pairtune.warning.{index}", warning[:5000])
+        digest = model_digest(final)
         if digest:
             self.mlflow.set_tag(MODEL_DIGEST_TAG, digest)
-        self.mlflow.log_artifact(str(result.model_dir / "README.md"))
+        self.mlflow.log_artifact(str(final / "README.md"))
+        self.mlflow.log_artifact(str(result.model_dir / "README.md"), "trained")
         if self.settings.tracking.log_model:
-            log_model(result.model_dir, self.settings.tracking.registered_model)
+            log_model(final, self.settings.tracking.registered_model)
 
     def close(self) -> None:
         """Write what is left; rows the store never took go to ``<paths.reports>/unlogged_metrics.jsonl``."""
@@ -153,6 +160,38 @@ def log_training_logs(result: TrainResult) -> None:
     mlflow.log_text("\n".join(logs_table(result.rows, result.selected_step)) + "\n", "training_logs.md")
     if result.selected_step is not None:  # train.select_best: which evaluation's weights were saved
         mlflow.set_tag("pairtune.selected_step", str(result.selected_step))
+
+
+def log_guard(result: TrainResult) -> None:
+    """``general_*`` at step 0 (the base) and at the last step (trained), ``final_*``, the blend table and plot."""
+    import pandas as pd
+
+    mlflow, report = _mlflow(), result.guard
+    client, run_id = mlflow.MlflowClient(), active_run_id()
+    for step, scores in ((0, report.base_general), (result.global_step, report.trained_general)):
+        for name, value in scores.items():
+            client.log_metric(run_id, f"general_{metric_key(name)}", value, step=step)
+    final = report.final
+    mlflow.log_metrics({
+        **{f"final_general_{metric_key(k)}": v for k, v in final.general.items()},
+        **{f"final_eval_{metric_key(k)}": v for k, v in final.task.items()},
+        "final_general_change_mrr_at_10": -report.drop(final.general),
+        "guard_chosen_a": report.chosen,
+    })
+    mlflow.set_tag("pairtune.guard", report.why)
+    rows = [{"a": r.a, "eval_cosine_mrr_at_10": r.task["cosine_mrr@10"],
+             "general_cosine_mrr_at_10": r.general["cosine_mrr@10"] if r.general else None} for r in report.rows]
+    mlflow.log_table(pd.DataFrame(rows), artifact_file="guard_blends.json")
+
+    def curves(ax: Axes) -> None:
+        ax.plot([r["a"] for r in rows], [r["eval_cosine_mrr_at_10"] for r in rows], marker="o", label="eval (task)")
+        scored = [r for r in rows if r["general_cosine_mrr_at_10"] is not None]
+        ax.plot([r["a"] for r in scored], [r["general_cosine_mrr_at_10"] for r in scored], marker="s", label="general")
+        ax.axvline(report.chosen, color="grey", linestyle="--", label=f"chosen a = {report.chosen:g}")
+        ax.set(xlabel="a in (1 - a) x base + a x trained", ylabel="MRR@10", title="the guard's blends")
+        ax.legend()
+
+    log_figure("plots/guard_blends.png", curves)
 
 
 def log_plots(result: TrainResult) -> None:
@@ -330,7 +369,7 @@ def lineage(settings: PairtuneConfig, run_id: str | None) -> dict[str, str | Non
     """Which MLflow run trained which model, in which DVC experiment (if any) from which revision."""
     return {
         "mlflow_run_id": run_id,
-        "model_dir": str(settings.paths.model),
+        "model_dir": str(settings.paths.final),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"),
     }
@@ -347,12 +386,12 @@ def write_lineage(settings: PairtuneConfig, run_id: str | None) -> None:
 
 
 def read_run_id(settings: PairtuneConfig) -> str | None:
-    """The run that trained ``paths.model``, from :func:`write_lineage`'s file, if it is about that model."""
+    """The run that trained ``paths.final``, from :func:`write_lineage`'s file, if it is about that model."""
     path = Path(settings.paths.reports) / LINEAGE_FILE
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    return found.get("mlflow_run_id") if found.get("model_dir") == str(settings.paths.model) else None
+    return found.get("mlflow_run_id") if found.get("model_dir") == str(settings.paths.final) else None
 
 
 # -- the later stages -------------------------------------------------------------------------------------
@@ -380,9 +419,14 @@ class MlflowStageReporter(StageReporter):
         """
         from pairtune.tracking.registry import Candidate, promote
 
-        promotion = report["promotion"]
-        candidate = Candidate(score=promotion["cosine_mrr_at_10"], data_sha256=promotion["sha256"],
-                              data=promotion["data"], reported=report["trained"]["cosine_mrr_at_10"])
+        promotion, general = report["promotion"], report.get("general")
+        candidate = Candidate(
+            score=promotion["cosine_mrr_at_10"], data_sha256=promotion["sha256"], data=promotion["data"],
+            reported=report["final"]["cosine_mrr_at_10"],
+            task_gain=report["final"]["cosine_mrr_at_10"] - report["base"]["cosine_mrr_at_10"],
+            general_change=general["change_cosine_mrr_at_10"] if general else None,
+            max_drop=general["max_drop"] if general else None,
+        )
         return promote(self.registered_model, self.run_id, candidate)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -420,14 +464,14 @@ def model_digest(model_dir: str | Path) -> str | None:
 
 
 def training_run_of(settings: PairtuneConfig) -> str | None:
-    """The run that trained ``paths.model``: the one ``lineage.json`` names, else the newest with its weights.
+    """The run that made ``paths.final``: the one ``lineage.json`` names, else the newest with its weights.
 
     Identical weights from two runs (a deterministic rerun) match both; the newest is taken and named.
     """
     found = read_run_id(settings)
     if found:
         return found
-    digest = model_digest(settings.paths.model)
+    digest = model_digest(settings.paths.final)
     if digest is None:
         return None
     runs = _mlflow().search_runs(
@@ -440,16 +484,16 @@ def training_run_of(settings: PairtuneConfig) -> str | None:
 
 @contextmanager
 def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter]:
-    """Log a later stage into the run that trained ``paths.model``, or into a new run that names the model.
+    """Log a later stage into the run that made ``paths.final``, or into a new run that names the model.
 
     In the pipeline the train stage's ``lineage.json`` names the run; run by hand (``make evaluate``, a
-    command-line run's folder in ``paths.model``), the run is found by the model's weights.
+    command-line run's folder in ``paths.final``), the run is found by the model's weights.
     """
     if not (settings.tracking.enabled and is_main_process()):
         yield StageReporter()
         return
     configure(settings)
-    model, run_id = settings.paths.model, training_run_of(settings)
+    model, run_id = settings.paths.final, training_run_of(settings)
     if run_id is None:
         log.info("%s: %s: no MLflow run trained these weights; logging into a new run", stage, model)
         config = {"paths": {"model": str(model)}, "stage": stage}
@@ -458,9 +502,13 @@ def stage_run(settings: PairtuneConfig, *, stage: str) -> Iterator[StageReporter
         log.info("%s: %s: logging into MLflow run %s, which trained it", stage, model, run_id)
         context = tracked_run(settings, config={}, stage=stage, resume_run_id=run_id)
     with context:
+        from pairtune import numerics
+
         run_id = active_run_id()
         mlflow = _mlflow()
         mlflow.set_tag(f"pairtune.stage.{stage}", "done")
+        mlflow.set_tag(f"pairtune.{stage}.numerics", numerics.describe())
+        mlflow.set_tag(f"pairtune.{stage}.cpu", numerics.cpu_description())
         mlflow.set_tag(f"pairtune.{stage}.model", redact(str(model)))
         digest = model_digest(model)
         if digest and mlflow.get_run(run_id).data.tags.get(MODEL_DIGEST_TAG) is None:
