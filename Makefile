@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0  # the CPU wheel first, never a CUDA build
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "from pairtune.numerics import build_shim; build_shim()"  # MKL's vendor shim: reproducible numerics
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pinned dependencies
