@@ -26,7 +26,15 @@ from transformers import get_scheduler
 from pairtune.batching import TokenizedColumns, tokenize_columns
 from pairtune.checkpoint import Checkpoint, LoopState
 from pairtune.config import ConfigError, LossConfig, PairtuneConfig, TrainConfig, settle_batch_sampler
-from pairtune.core import PRIMARY_METRIC, EpochRow, NonFiniteLossError, NullObserver, Observer, TrainResult
+from pairtune.core import (
+    CARD_METRICS,
+    PRIMARY_METRIC,
+    EpochRow,
+    NonFiniteLossError,
+    NullObserver,
+    Observer,
+    TrainResult,
+)
 from pairtune.data import Columns, load_prepared
 from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
 from pairtune.files import write_atomic_dir
@@ -569,6 +577,11 @@ def save_with_card(
                      train_frame=splits["train"], columns=Columns.of(settings.data), final=final)
 
 
+def card_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The card's metrics, rounded as the reports round them (reports/guard.json stays readable and stable)."""
+    return {name: round(metrics[name], 6) for name in CARD_METRICS if name in metrics}
+
+
 def save_final_model(ctx: TrainingContext, model, settings: PairtuneConfig, result: TrainResult, splits: dict) -> None:
     """The final model (``paths.final``): the guard's choice among blends with the base, or the trained model.
 
@@ -584,7 +597,7 @@ def save_final_model(ctx: TrainingContext, model, settings: PairtuneConfig, resu
         trained = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
         result.guard = choose_blend(
             model, ctx.base_weights, trained, grid=guard.grid, max_drop=guard.max_drop, score_all=guard.score_all,
-            task=lambda blended: run_evaluator(ctx.evaluator, blended), general=scorer,
+            task=lambda blended: card_metrics(run_evaluator(ctx.evaluator, blended)), general=scorer,
         )
         log.info("guard: the final model is %s", result.guard.why)
     write_atomic_dir(result.final_dir, lambda folder: save_with_card(model, folder, settings, result, splits, final=True))
