@@ -53,11 +53,10 @@ def child(prepared: Path, steps: int, compiled: bool, overrides: list[str]) -> d
     for rows in list(ctx.sampler)[: steps + 1]:
         started, cpu_started = time.perf_counter(), time.process_time()
         window = training.UpdateWindow()
-        window.losses.append(
-            training.compute_loss_and_backward(
-                ctx.model, accelerator, ctx.tokens.batch(rows), ctx.loss, sync=True
-            )
+        value, _signals = training.compute_loss_and_backward(
+            ctx.model, accelerator, ctx.tokens.batch(rows), ctx.loss, sync=True
         )
+        window.losses.append(value)
         losses.append(training.apply_update(ctx, window, len(losses) + 1)[0])
         seconds.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)

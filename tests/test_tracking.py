@@ -55,7 +55,9 @@ def tracked(tmp_path_factory, prepared_bundled):
                 f"paths.model={folder}/model",
                 f"paths.checkpoints={folder}/ckpt",
                 f"paths.reports={folder}/reports",
+                f"paths.final={folder}/final",
                 f"data.source={BUNDLED}",
+                "guard.enabled=false",
                 "train.max_steps=2",
                 "train.epochs=1",
                 f"tracking.uri={uri}",
@@ -108,8 +110,11 @@ def test_run_logs_table_card_config_plots_and_model(tracked, tmp_path):
     embedding = model.predict(["Ada see sh"])
     assert embedding.shape == (1, 384)
     lineage = json.loads((Path(settings.paths.reports) / "lineage.json").read_text())
-    assert lineage["mlflow_run_id"] == run.info.run_id and lineage["model_dir"] == str(result.model_dir)
-    assert not (result.model_dir / "pairtune_run.json").exists()  # no run id in the model folder
+    # evaluate and export read the final model (with the guard off, the trained model copied as it is)
+    assert lineage["mlflow_run_id"] == run.info.run_id and lineage["model_dir"] == str(result.final_dir)
+    assert result.final_dir == Path(settings.paths.final) and (result.final_dir / "model.safetensors").exists()
+    for folder in (result.model_dir, result.final_dir):
+        assert not (folder / "pairtune_run.json").exists()  # no run id in a model folder
 
 
 def _status_after(settings, error: BaseException) -> mlflow.entities.Run:
