@@ -36,7 +36,6 @@ def run(precision: str, folder: Path) -> dict:
 
 def main(tolerance: float = 0.05) -> int:
     import torch
-
     from hydra import compose, initialize_config_dir
 
     from pairtune.config import load_settings

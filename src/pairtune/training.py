@@ -435,13 +435,11 @@ def warn_if_too_easy(ctx: TrainingContext, state: LoopState) -> None:
     mean = sum(losses) / len(losses) if losses else float("inf")
     if mean >= NEAR_ZERO_LOSS:
         return
-    ctx.warnings["too_easy"] = (
+    warn_once(ctx, "too_easy", (
         f"mean training loss {mean:.4f} over the first epoch: the positives are already far above every "
         "in-batch negative, so the batch is too easy to teach anything; try a larger train.batch_size, mined "
         "negatives (mining.enabled=true) or train.batch_sampler=no_duplicates"
-    )
-    if ctx.accelerator.is_main_process:
-        log.warning(ctx.warnings["too_easy"])
+    ))
 
 
 def warn_if_no_gain(ctx: TrainingContext, state: LoopState) -> None:
@@ -451,13 +449,18 @@ def warn_if_no_gain(ctx: TrainingContext, state: LoopState) -> None:
     base, last = state.rows[0].metrics[PRIMARY_METRIC], state.rows[-1].metrics[PRIMARY_METRIC]
     if last > base:
         return
-    ctx.warnings["no_gain"] = (
+    warn_once(ctx, "no_gain", (
         f"eval {PRIMARY_METRIC} ended at {last:.4f}, not above the base model's {base:.4f} at step 0: check the "
         "in_batch_accuracy and hardest_margin metrics (a batch that is too easy teaches nothing), the learning "
         "rate, and that the eval split is drawn like the train split"
-    )
+    ))
+
+
+def warn_once(ctx: TrainingContext, key: str, message: str) -> None:
+    """Keep a run warning (it becomes a ``pairtune.warning.<key>`` tag) and log it on the main process."""
+    ctx.warnings[key] = message
     if ctx.accelerator.is_main_process:
-        log.warning(ctx.warnings["no_gain"])
+        log.warning(message)
 
 
 def stop_requested(accelerator: Accelerator) -> bool:
