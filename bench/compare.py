@@ -380,6 +380,8 @@ def default_run_variants(bench: Bench, store: str) -> list[tuple[str, list[str]]
         ("bf16", argv(precision="bf16")),
         # the DVC pipeline's numerics: the same bytes on any AVX2 CPU (whole process, its restart included)
         ("reproducible", argv("--set", "numerics.mode=reproducible")),
+        # the guard's whole cost: general evaluations of base, trained and blends, the blends' task evaluations
+        ("guard", argv("--set", "guard.enabled=true")),
     ]
     if (benchkit.CONF / "experiment" / "fast.yaml").is_file():
         variants.append(("fast", argv("--set", "experiment=fast")))
@@ -409,7 +411,8 @@ def section_default_run(bench: Bench) -> str:
     if len(precision) > 1:
         print(
             "\n2b. Precision and numerics: fp32 (numerics.mode=fastest) against bf16 autocast "
-            "(train.mixed_precision=bf16), the presets and numerics.mode=reproducible (fp32), tracking off"
+            "(train.mixed_precision=bf16), the presets, numerics.mode=reproducible (fp32) and the guard on "
+            "(fp32, general scores cached in no run), tracking off"
         )
         print_table(precision, PRECISION_ROWS, "vs fp32")
         shares = [share_of_peak(bench, js, js[0].result["precision"]) for js in precision.values()]
@@ -475,7 +478,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="PART",
-        help="leave out: ab, default-run, 'tracking on', bf16, reproducible, fast, fixed, compile (repeatable)",
+        help="leave out: ab, default-run, 'tracking on', bf16, reproducible, guard, fast, fixed, compile (repeatable)",
     )
     return parser.parse_args()
 

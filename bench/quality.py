@@ -11,7 +11,7 @@ A preset holds only where it holds on every set: for each recipe the bench print
 over the seed recipe on eval MRR@10 and the seed recipe's own seed-to-seed spread (max - min over seeds),
 and keeps the recipe only if every gain exceeds its set's spread.
 
-    .venv/bin/python bench/quality.py                         # seed, lr 1e-4, quality on 3 sets x seeds 42 1 2
+    .venv/bin/python bench/quality.py                         # seed, lr 1e-4, lr 2e-4 on 3 sets x seeds 42 1 2
     .venv/bin/python bench/quality.py --sets harbour --recipes seed mined symmetric select_best
 """
 
@@ -41,9 +41,11 @@ DATA_SETS: dict[str, tuple[Path, str, str]] = {
     "caravan": (ROOT / "data/raw/caravan.jsonl", "0.71", "0.12"),
     "observatory": (ROOT / "data/raw/observatory.jsonl", "0.71", "0.12"),
 }
-DEFAULT_RECIPES = ["seed", "lr_1e-4", "quality"]
+DEFAULT_RECIPES = ["seed", "lr_1e-4", "lr_2e-4"]
 
-# name -> (overrides, needs mined negatives). "quality" must equal conf/experiment/quality.yaml's recipe.
+# name -> (overrides, needs mined negatives). lr 2e-4 was the bundled data's best and its preset
+# (experiment=quality) until this bench ran it on three sets: it gained on two and lost on caravan's eval
+# split, so no preset is kept and `make tune` finds the learning rate on the user's own eval split.
 RECIPES: dict[str, tuple[list[str], bool]] = {
     "seed": ([], False),
     "no_duplicates": (["train.batch_sampler=no_duplicates"], False),
@@ -59,7 +61,6 @@ RECIPES: dict[str, tuple[list[str], bool]] = {
     "lr_2e-4+select_best": (["train.lr=2e-4", "train.select_best=true"], False),
     "lr_2e-4+mined": (["train.lr=2e-4", "mining.enabled=true", "train.batch_sampler=no_duplicates"], True),
     "lr_2e-4+symmetric+select_best": (["train.lr=2e-4", "loss.symmetric=true", "train.select_best=true"], False),
-    "quality": (["experiment=quality"], False),
 }
 
 

@@ -164,9 +164,12 @@ def overrides_for(args) -> list[str]:
     """Outputs under ``--work``, no checkpoints (the trainer saves none either); tracking off or into a store.
 
     The guard is off: the trainer does no general-retrieval evaluation or blending, so like for like leaves
-    it out (its own cost is a line of its own in ``make bench``).
+    it out. ``--set guard.enabled=true`` (``make bench``'s "guard" line) turns it on with an empty general-score
+    cache of the job's own, so each such job scores the base model, the trained model and the blends it tries,
+    as a machine's first run does.
     """
     work = args.work.resolve()
+    guard = any(extra == "guard.enabled=true" for extra in args.extra)
     overrides = [
         f"paths.prepared={args.prepared.resolve()}",
         f"paths.model={work}/model",
@@ -176,7 +179,7 @@ def overrides_for(args) -> list[str]:
         f"train.epochs={args.epochs}",
         f"train.max_steps={args.max_steps}",
         "train.save_checkpoints=false",
-        "guard.enabled=false",
+        *([f"paths.general_cache={work}/general-cache"] if guard else ["guard.enabled=false"]),
         f"tracking.enabled={str(args.tracking_uri is not None).lower()}",
     ]
     if args.tracking_uri:

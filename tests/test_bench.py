@@ -211,6 +211,8 @@ def test_compare_runs_every_section_end_to_end():
     ):
         assert heading in out, heading
     assert "steps per run [1]" in out
+    table = out[out.index("2b. Precision") :]
+    assert all(name in table.splitlines()[1] for name in ("fp32", "reproducible", "guard"))  # the columns
 
 
 @pytest.mark.slow

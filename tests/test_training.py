@@ -163,22 +163,28 @@ def test_the_fast_preset_switches_training_to_bf16_and_nothing_else(make_setting
     assert asdict(fast) == asdict(default)
 
 
-def test_the_quality_preset_is_the_seed_recipe_at_lr_2e_4_and_nothing_else(make_settings):
-    """experiment=quality: the recipe bench/quality.py chose on eval; the bench's "quality" entry must match it."""
+def test_every_bench_quality_recipe_changes_exactly_the_keys_it_names(make_settings):
+    """bench/quality.py's recipes compose, and each moves its named keys off the default and nothing else."""
     import sys
     from dataclasses import asdict
 
     from .conftest import ROOT
 
-    default, quality = make_settings(), make_settings("experiment=quality")
-    assert (default.train.lr, quality.train.lr) == (5e-5, 2e-4)
-    quality.train.lr = default.train.lr
-    assert asdict(quality) == asdict(default)
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import quality as bench_quality
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    overrides, mined = bench_quality.RECIPES["quality"]
-    assert bench_quality.RECIPES["lr_2e-4"] == (["train.lr=2e-4"], False) and not mined
-    assert overrides == ["experiment=quality"]
+    default = flat(asdict(make_settings()))
+    assert set(bench_quality.DEFAULT_RECIPES) <= set(bench_quality.RECIPES)
+    for name, (overrides, _mined) in bench_quality.RECIPES.items():
+        named = {override.split("=")[0] for override in overrides}
+        recipe = flat(asdict(make_settings(*overrides)))
+        changed = {key for key in default if recipe[key] != default[key]}
+        assert changed == named, name
