@@ -38,6 +38,18 @@ def test_the_shim_builds_once_and_tells_mkl_it_runs_on_intel():
         "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
 
 
+def test_processes_that_build_the_shim_at_once_all_get_it_and_leave_no_partial_files(tmp_path):
+    """torchrun's children may each find no shim and build it at the same moment."""
+    target = tmp_path / "shim" / numerics.SHIM_NAME
+    code = ("import pathlib, sys; from pairtune import numerics; "
+            f"numerics.shim_path = lambda: pathlib.Path({str(target)!r}); print(numerics.build_shim())")
+    builders = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    assert [b.communicate(timeout=120)[0].strip() for b in builders] == [str(target)] * 4
+    assert all(b.returncode == 0 for b in builders)
+    assert ctypes.CDLL(str(target)).mkl_serv_intel_cpu_true() == 1
+    assert [p.name for p in target.parent.iterdir()] == [numerics.SHIM_NAME]
+
+
 def capped_environment() -> dict[str, str]:
     """This machine made to look like an Intel AVX2 CPU running one thread."""
     return {

@@ -116,11 +116,16 @@ def build_shim() -> Path:
             "(apt-get install gcc), or use numerics.mode=fastest"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    source, partial = target.with_suffix(".c"), target.with_name(f".{SHIM_NAME}.{os.getpid()}.tmp")
+    # per-process source and output: torchrun's children may build at the same time; the last rename wins
+    source, partial = (target.with_name(f".{SHIM_NAME}.{os.getpid()}.{suffix}") for suffix in ("c", "tmp"))
     source.write_text(SHIM_SOURCE)
-    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(partial), str(source)], check=True,
-                   capture_output=True, text=True)
-    os.replace(partial, target)
+    try:
+        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(partial), str(source)], check=True,
+                       capture_output=True, text=True)
+        os.replace(partial, target)
+    finally:
+        source.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     return target
 
 
