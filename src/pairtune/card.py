@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from pairtune.core import CARD_METRICS
+from pairtune.core import CARD_METRICS, dim_metric
 from pairtune.data import Columns, token_stats
 from pairtune.files import write_text_atomic
 from pairtune.tokens import count_tokens
@@ -98,6 +98,8 @@ class CardContext:
     world_size: int
     global_batch_size: int
     guard: list[str] | None  # the final model's card: which blend the guard chose, why, and the tables
+    dims: list[dict[str, float]]  # Matryoshka runs: {"dim", "mrr", "ndcg", "bytes"} per dim; empty otherwise
+    truncate_dim: int | None  # export.dim on the final model: encode returns that many components
     python_version: str
     framework_versions: dict[str, str]
 
@@ -223,9 +225,21 @@ def card_context(
         world_size=result.world_size,
         global_batch_size=result.global_batch_size,
         guard=guard_lines(result.guard) if final and result.guard is not None else None,
+        dims=dims_rows(settings, metrics),
+        truncate_dim=model.truncate_dim if final else None,
         python_version=platform.python_version(),
         framework_versions=_framework_versions(),
     )
+
+
+def dims_rows(settings: PairtuneConfig, metrics: dict[str, float]) -> list[dict[str, float]]:
+    """The card's per-dim table: MRR@10 and NDCG@10 of the final evaluation at each Matryoshka dim."""
+    rows = []
+    for dim in settings.loss.matryoshka_dims or []:
+        mrr, ndcg = (metrics.get(dim_metric(name, dim)) for name in ("cosine_mrr@10", "cosine_ndcg@10"))
+        if mrr is not None and ndcg is not None:
+            rows.append({"dim": dim, "mrr": mrr, "ndcg": ndcg, "bytes": dim * 4})
+    return rows
 
 
 def render_model_card(context: CardContext) -> str:
@@ -266,6 +280,12 @@ def _loss_fields(settings: PairtuneConfig, result: TrainResult) -> dict[str, Any
         params["mini_batch_size"] = loss.mini_batch_size
     kind = "MultipleNegativesSymmetricRankingLoss" if loss.symmetric else "MultipleNegativesRankingLoss"
     name = f"Cached{kind}" if loss.mini_batch_size else kind
+    matryoshka = loss.matryoshka()
+    if matryoshka is not None:  # as sentence-transformers' card names a wrapped loss
+        dims, weights = matryoshka
+        params = {"loss": name, "loss_params": params, "matryoshka_dims": list(dims),
+                  "matryoshka_weights": list(weights), "n_dims_per_step": -1}
+        name = "MatryoshkaLoss"
     return {"loss_name": name, "loss_params": params}
 
 

@@ -68,6 +68,7 @@ SHAPES_THE_RUN = (
     "data.anchor_column", "data.positive_column", "data.negative_column",
     "model.name", "model.max_seq_length", "model.dropout", "model.unpad",
     "loss.scale", "loss.similarity", "loss.mini_batch_size", "loss.gather_across_devices", "loss.symmetric",
+    "loss.matryoshka_dims", "loss.matryoshka_weights",
     "train.epochs", "train.batch_size", "train.lr", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
     "train.adam_epsilon", "train.scheduler", "train.warmup_steps", "train.max_grad_norm", "train.seed",
     "train.max_steps", "train.gradient_accumulation_steps", "train.mixed_precision", "train.batch_sampler",
@@ -88,6 +89,7 @@ DOES_NOT_SHAPE_THE_RUN = (
     "tracking.enabled", "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.log_model",
     "tracking.registered_model", "tracking.flush_seconds",
     "export.opset", "export.batch_size", "export.min_cosine_fp32", "export.min_cosine_int8", "export.int8_weights",
+    "export.dim",  # written into the final model's config after training
     "promotion.source",
     # the guard chooses the final model after training: a resume trains the same run
     "paths.final", "paths.general_cache",

@@ -78,6 +78,9 @@ class LossConfig:
     mini_batch_size: int | None = None  # set = cached MNRL (GradCache) with this mini-batch
     gather_across_devices: bool = False
     symmetric: bool = False  # also each positive picks its anchor among the batch's anchors (MNSRL), averaged
+    # Matryoshka: the loss at each leading slice of the embedding, summed with these weights (1 each by default)
+    matryoshka_dims: list[int] | None = None  # e.g. [384, 256, 128, 64], largest first; None = off
+    matryoshka_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         _require(self.scale > 0, "loss.scale", "must be > 0")
@@ -85,6 +88,24 @@ class LossConfig:
         _require(
             self.mini_batch_size is None or self.mini_batch_size > 0, "loss.mini_batch_size", "must be > 0 or null"
         )
+        dims = self.matryoshka_dims
+        if dims is not None:
+            _require(len(dims) > 0 and all(d > 0 for d in dims), "loss.matryoshka_dims", "must be positive ints or null")
+            _require(list(dims) == sorted(set(dims), reverse=True), "loss.matryoshka_dims",
+                     f"must be distinct and largest first, got {list(dims)}")
+        weights = self.matryoshka_weights
+        if weights is not None:
+            _require(dims is not None, "loss.matryoshka_weights", "needs loss.matryoshka_dims")
+            _require(len(weights) == len(dims or ()), "loss.matryoshka_weights",
+                     f"needs one weight per dim ({len(dims or ())}), got {len(weights)}")
+            _require(all(w > 0 for w in weights), "loss.matryoshka_weights", "must be > 0")
+
+    def matryoshka(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """``(dims, weights)`` of the Matryoshka loss, or None when it is off."""
+        if self.matryoshka_dims is None:
+            return None
+        weights = self.matryoshka_weights or [1.0] * len(self.matryoshka_dims)
+        return tuple(self.matryoshka_dims), tuple(float(w) for w in weights)
 
 
 @dataclass
@@ -206,8 +227,12 @@ class ExportConfig:
     # 0.9947 min cosine); qint8: about 1.5x the int8 speed on CPUs with AVX-512 VNNI, but AVX2-only CPUs
     # saturate (vpmaddubsw) and fall under 0.99
     int8_weights: str = "quint8"
+    # Keep the first `dim` components and renormalise (a Matryoshka model's smaller index): in the ONNX graph,
+    # and as `truncate_dim` in the final model's config (the served and the loaded model truncate alike)
+    dim: int | None = None
 
     def __post_init__(self) -> None:
+        _require(self.dim is None or self.dim > 0, "export.dim", "must be > 0 or null")
         _require(self.int8_weights in ("quint8", "qint8"), "export.int8_weights", "quint8|qint8")
         _require(self.opset >= 14, "export.opset", "must be >= 14")
         _require(self.batch_size > 0, "export.batch_size", "must be > 0")

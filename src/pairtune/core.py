@@ -30,6 +30,15 @@ CARD_METRICS = (
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
+#: What a Matryoshka run also reports at each of ``loss.matryoshka_dims`` (MLflow, the card's per-dim table).
+DIM_METRICS = ("cosine_accuracy@1", "cosine_mrr@10", "cosine_ndcg@10")
+
+
+def dim_metric(name: str, dim: int) -> str:
+    """A metric at the first ``dim`` components of the embeddings: ``cosine_mrr@10_dim128``."""
+    return f"{name}_dim{dim}"
+
+
 def metric_key(name: str) -> str:
     """A metric name MLflow and DVC accept: ``cosine_ndcg@10`` -> ``cosine_ndcg_at_10``."""
     return name.replace("@", "_at_")

@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
 from pairtune.config import PairtuneConfig
-from pairtune.core import CARD_METRICS, PRIMARY_METRIC, metric_key
+from pairtune.core import CARD_METRICS, DIM_METRICS, PRIMARY_METRIC, dim_metric, metric_key
 from pairtune.data import Columns, load_prepared, pairs_digest, read_pairs
 from pairtune.files import write_json_atomic
 
@@ -21,7 +21,8 @@ def cap_rows(frame: pd.DataFrame, max_rows: int | None, *, seed: int) -> pd.Data
     return frame.sample(n=max_rows, random_state=seed).sort_index().reset_index(drop=True)
 
 
-def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32):
+def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32,
+                    truncate_dim: int | None = None):
     """An InformationRetrievalEvaluator over one split; a note with several sentences has them all relevant."""
     query_ids = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(frame[columns.anchor]))}
     doc_ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(frame[columns.positive]))}
@@ -37,20 +38,88 @@ def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_s
         write_csv=False,
         score_functions=None,
         main_score_function="cosine",
+        truncate_dim=truncate_dim,
     )
+
+
+class DimsEvaluator:
+    """The retrieval metrics at full size, and DIM_METRICS at each Matryoshka dim (``cosine_mrr@10_dim128``).
+
+    Each dim scores the first ``dim`` components of every embedding (cosine renormalises them), as an index
+    built from truncated vectors would.
+    """
+
+    def __init__(self, full, by_dim: dict) -> None:
+        self.full, self.by_dim, self.name = full, by_dim, full.name
+
+    def __call__(self, model: SentenceTransformer) -> dict[str, float]:
+        once = EncodeOnce(model)  # every dim slices the same full-width embeddings: one forward per text
+        metrics = run_evaluator(self.full, once)
+        for dim, evaluator in self.by_dim.items():
+            scored = run_evaluator(evaluator, once)
+            metrics |= {dim_metric(name, dim): scored[name] for name in DIM_METRICS}
+        return metrics
+
+
+class EncodeOnce:
+    """A model whose ``encode_query`` / ``encode_document`` run once per text list and slice per ``truncate_dim``.
+
+    Slicing is what sentence-transformers' truncation does after the forward, so the figures are the same as
+    encoding again at each dim; everything else is the model's own.
+    """
+
+    def __init__(self, model: SentenceTransformer) -> None:
+        self._model, self._memo = model, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def _encode(self, kind: str, inputs, *, truncate_dim: int | None = None, **kwargs):
+        key = (kind, tuple(inputs), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in self._memo:
+            model, saved = self._model, self._model.truncate_dim
+            model.truncate_dim = None  # the full width; the model's own truncate_dim applies below, as in encode
+            try:
+                self._memo[key] = getattr(model, kind)(inputs, truncate_dim=None, **kwargs)
+            finally:
+                model.truncate_dim = saved
+        width = truncate_dim if truncate_dim is not None else self._model.truncate_dim
+        return self._memo[key][..., :width] if width else self._memo[key]
+
+    def encode_query(self, inputs, **kwargs):
+        return self._encode("encode_query", inputs, **kwargs)
+
+    def encode_document(self, inputs, **kwargs):
+        return self._encode("encode_document", inputs, **kwargs)
+
+
+def build_dims_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32,
+                         dims: tuple[int, ...] | None = None):
+    """:func:`build_evaluator`, scoring each of ``dims`` as well when Matryoshka dims are set."""
+    full = build_evaluator(frame, columns, name=name, batch_size=batch_size)
+    if not dims:
+        return full
+    by_dim = {dim: build_evaluator(frame, columns, name=name, batch_size=batch_size, truncate_dim=dim) for dim in dims}
+    return DimsEvaluator(full, by_dim)
 
 
 def run_evaluator(evaluator, model: SentenceTransformer) -> dict[str, float]:
     """Metrics without the evaluator's name prefix: ``{"cosine_mrr@10": 0.61, ...}``."""
     raw = evaluator(model)
+    if isinstance(evaluator, DimsEvaluator):
+        return raw
     prefix = f"{evaluator.name}_" if evaluator.name else ""
     return {key.removeprefix(prefix): float(value) for key, value in raw.items()}
 
 
-def evaluate_split(model, frame: pd.DataFrame, columns: Columns, *, batch_size: int) -> dict[str, float]:
-    """The card's metrics on one split, under names MLflow and DVC accept, rounded for stable reports."""
-    metrics = run_evaluator(build_evaluator(frame, columns, name="test", batch_size=batch_size), model)
-    return {metric_key(m): round(metrics[m], 6) for m in CARD_METRICS}
+def evaluate_split(model, frame: pd.DataFrame, columns: Columns, *, batch_size: int,
+                   dims: list[int] | None = None) -> dict[str, float]:
+    """The card's metrics on one split (and DIM_METRICS at each of ``dims``), under names MLflow and DVC accept,
+    rounded for stable reports. A model saved with ``truncate_dim`` (export.dim) is scored as it serves."""
+    evaluator = build_dims_evaluator(frame, columns, name="test", batch_size=batch_size, dims=tuple(dims or ()))
+    metrics = run_evaluator(evaluator, model)
+    names = [*CARD_METRICS, *(dim_metric(m, d) for d in dims or () for m in DIM_METRICS)]
+    return {metric_key(m): round(metrics[m], 6) for m in names}
 
 
 def promotion_set(settings: PairtuneConfig, splits: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
@@ -76,11 +145,14 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
     splits = load_prepared(settings.paths.prepared)
     promotion, described = promotion_set(settings, splits)  # a missing named set fails before any model loads
     report, batch, models = {}, settings.train.eval_batch_size, {}
+    dims = settings.loss.matryoshka_dims
     for label, name in (("base", settings.model.name), ("final", settings.paths.final)):
         models[label] = load_model(name, max_seq_length=settings.model.max_seq_length,
                                    trust_remote_code=settings.model.trust_remote_code)
-        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch)
+        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch, dims=dims)
     report["test_rows"] = len(splits["test"])
+    if models["final"].truncate_dim:  # export.dim: the final row is the served, truncated model
+        report["final_truncate_dim"] = models["final"].truncate_dim
     scored = evaluate_split(models["final"], promotion, Columns(columns.anchor, columns.positive), batch_size=batch)
     report["promotion"] = {"data": described, "sha256": pairs_digest(promotion, columns), **scored}
     general = general_change(settings, models)

@@ -31,7 +31,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from sentence_transformers import SentenceTransformer
 
-from pairtune.config import PairtuneConfig
+from pairtune.config import ConfigError, PairtuneConfig
 from pairtune.core import ExportParityError
 from pairtune.data import Columns, load_prepared
 from pairtune.files import write_atomic_dir, write_json_atomic
@@ -65,11 +65,12 @@ DEFAULT_CALIBRATION = (
 
 
 class SentenceEncoderGraph(torch.nn.Module):
-    """Transformer -> mean pooling over real tokens -> L2 normalisation, as one traceable forward."""
+    """Transformer -> mean pooling over real tokens -> (the first ``dim`` components) -> L2 normalisation."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, dim: int | None = None) -> None:
         super().__init__()
         self.transformer = transformer
+        self.dim = dim
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
@@ -79,7 +80,9 @@ class SentenceEncoderGraph(torch.nn.Module):
         ).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
         pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1)  # (B, H)
+        if self.dim is not None:
+            pooled = pooled[:, : self.dim]  # (B, dim): a Matryoshka model's leading components
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)  # (B, H or dim)
 
 
 class SmoothedLinear(torch.nn.Module):
@@ -120,7 +123,7 @@ def trace_inputs(model: SentenceTransformer) -> tuple[torch.Tensor, ...]:
 def export_graph(model: SentenceTransformer, path: Path, *, opset: int) -> None:
     """Trace the whole encoder into ``path`` with dynamic batch and sequence axes, then check it."""
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
-    graph = SentenceEncoderGraph(model[0].auto_model).eval()
+    graph = SentenceEncoderGraph(model[0].auto_model, dim=model.truncate_dim).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # The exporter warns about shape-dependent Python branches; for an encoder without a KV cache they
         # are constant (no causal mask, no padding of the key length), so the trace generalises.
@@ -262,7 +265,7 @@ def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int
         "max_seq_length": int(model.max_seq_length),
         "pooling": "mean",
         "normalize": True,
-        "embedding_dimension": int(model.get_embedding_dimension()),
+        "embedding_dimension": int(model.get_embedding_dimension()),  # truncate_dim when the model has one
         "input_names": list(INPUT_NAMES),
         "output_name": OUTPUT_NAME,
         "opset": opset,
@@ -273,7 +276,7 @@ def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int
             "smooth_alpha": SMOOTH_ALPHA,
             "calibration_sentences": calibration_size,
         },
-    }
+    } | ({"truncate_dim": int(model.truncate_dim)} if model.truncate_dim else {})
 
 
 def size_mb(path: Path) -> float:
@@ -381,6 +384,7 @@ def run_export(settings: PairtuneConfig) -> dict:
     Fails (after writing the report) when any test sentence falls under the configured cosine floors.
     """
     columns, cfg = Columns.of(settings.data), settings.export
+    check_truncate_dim(settings)
     splits = load_prepared(settings.paths.prepared)
     calibration = splits["train"][columns.anchor].tolist() + splits["train"][columns.positive].tolist()
     files = export_onnx(settings.paths.final, settings.paths.onnx, opset=cfg.opset, calibration_sentences=calibration,
@@ -400,6 +404,21 @@ def run_export(settings: PairtuneConfig) -> dict:
             f"{settings.paths.onnx}: {failed[0]} cosine {worst:.5f} below export.min_cosine_{failed[0]}={floors[failed[0]]}"
         )
     return report
+
+
+def _yaml(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def check_truncate_dim(settings: PairtuneConfig) -> None:
+    """``export.dim`` and the final model's saved ``truncate_dim`` must agree: the train stage writes the latter."""
+    config = Path(settings.paths.final) / "config_sentence_transformers.json"
+    saved = json.loads(config.read_text(encoding="utf-8")).get("truncate_dim") if config.is_file() else None
+    if saved != settings.export.dim:
+        raise ConfigError(
+            f"config key 'export.dim': {_yaml(settings.export.dim)} but {config} has truncate_dim {_yaml(saved)}; "
+            "rerun the train stage (it writes export.dim into the final model)"
+        )
 
 
 SPEED_KEYS = ("throughput", "speedup_vs_torch")

@@ -104,6 +104,35 @@ def mnrl_loss(
     return loss
 
 
+Matryoshka = tuple[Sequence[int], Sequence[float]]  # (dims, weights): LossConfig.matryoshka()
+
+
+def ranking_loss(
+    anchors: Tensor,
+    columns: Sequence[Tensor],
+    *,
+    scale: float,
+    similarity: str,
+    gather: bool,
+    symmetric: bool = False,
+    matryoshka: Matryoshka | None = None,
+) -> Tensor:
+    """MNRL, or with ``matryoshka`` its weighted sum over leading slices of the embeddings (MatryoshkaLoss).
+
+    Each slice ``[:, :dim]`` is scored on its own (cosine renormalises it), so the first ``dim`` components
+    alone must rank each anchor's positive first: a model trained so keeps most of its quality truncated.
+    """
+    if matryoshka is None:
+        return mnrl_loss(anchors, columns, scale=scale, similarity=similarity, gather=gather, symmetric=symmetric)
+    dims, weights = matryoshka
+    terms = [
+        weight * mnrl_loss(anchors[:, :dim], [column[:, :dim] for column in columns], scale=scale,
+                           similarity=similarity, gather=gather, symmetric=symmetric)
+        for dim, weight in zip(dims, weights, strict=True)
+    ]
+    return torch.stack(terms).sum()
+
+
 @torch.no_grad()
 def batch_signals(anchors: Tensor, columns: Sequence[Tensor], *, similarity: str) -> Tensor:
     """``(in-batch accuracy, mean margin)`` of one process's batch: why a run may gain nothing.
@@ -158,6 +187,7 @@ def cached_mnrl_step(
     similarity: str,
     gather: bool,
     symmetric: bool = False,
+    matryoshka: Matryoshka | None = None,
     backward: Callable[[Tensor], None],
     sync: Callable[[bool], AbstractContextManager] = lambda is_last: nullcontext(),
     observe: Callable[[list[Tensor]], None] = lambda reps: None,
@@ -169,10 +199,12 @@ def cached_mnrl_step(
     gradient through it. ``sync(is_last)`` wraps each re-embedding forward *and* its backward, so under
     DistributedDataParallel the caller can skip the gradient all-reduce for all but the last mini-batch
     (DDP decides at forward time whether the next backward syncs). ``observe`` sees every column's embeddings.
+    With ``matryoshka`` the cached gradient is that of the summed slice losses: one re-embedding serves all dims.
     """
     plan, reps = embed_without_graph(embed, batches, mini_batch_size)
     observe(reps)
-    loss = mnrl_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather, symmetric=symmetric)
+    loss = ranking_loss(reps[0], reps[1:], scale=scale, similarity=similarity, gather=gather, symmetric=symmetric,
+                        matryoshka=matryoshka)
     loss.backward()
     for index, (column, start, stop, rng) in enumerate(plan):
         with sync(index == len(plan) - 1), rng:

@@ -36,9 +36,9 @@ from pairtune.core import (
     TrainResult,
 )
 from pairtune.data import Columns, load_prepared
-from pairtune.evaluation import build_evaluator, cap_rows, run_evaluator
+from pairtune.evaluation import build_dims_evaluator, cap_rows, run_evaluator
 from pairtune.files import write_atomic_dir
-from pairtune.losses import batch_signals, cached_mnrl_step, mnrl_loss
+from pairtune.losses import batch_signals, cached_mnrl_step, mnrl_loss, ranking_loss
 from pairtune.memory import reuse_freed_memory
 from pairtune.modeling import load_model
 from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
@@ -174,17 +174,20 @@ def compute_loss_and_backward(
     def sync_context(is_last: bool = True):
         return nullcontext() if (sync and is_last) else accelerator.no_sync(model)
 
+    options = {"scale": loss.scale, "similarity": loss.similarity, "gather": gather, "symmetric": loss.symmetric}
     if loss.mini_batch_size is None:
         with sync_context():
             embeddings = embed_columns(model, accelerator, batches)
             observe(embeddings)
-            value = mnrl_loss(embeddings[0], embeddings[1:], scale=loss.scale, similarity=loss.similarity,
-                              gather=gather, symmetric=loss.symmetric)
+            if loss.matryoshka() is None:
+                value = mnrl_loss(embeddings[0], embeddings[1:], **options)
+            else:
+                value = ranking_loss(embeddings[0], embeddings[1:], **options, matryoshka=loss.matryoshka())
             accelerator.backward(value)
         return value.detach(), signals[0]
     value = cached_mnrl_step(
-        embed_fn(model, accelerator), batches, mini_batch_size=loss.mini_batch_size, scale=loss.scale, similarity=loss.similarity,
-        gather=gather, symmetric=loss.symmetric, backward=accelerator.backward, sync=sync_context, observe=observe,
+        embed_fn(model, accelerator), batches, mini_batch_size=loss.mini_batch_size, **options,
+        matryoshka=loss.matryoshka(), backward=accelerator.backward, sync=sync_context, observe=observe,
     )
     return value, signals[0]
 
@@ -274,6 +277,16 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def check_dims(settings: PairtuneConfig, model: SentenceTransformer) -> tuple[int, ...] | None:
+    """The Matryoshka dims, each checked against the model's embedding size (as ``export.dim``)."""
+    size = model.get_embedding_dimension()
+    for key, dims in (("loss.matryoshka_dims", settings.loss.matryoshka_dims or []),
+                      ("export.dim", [settings.export.dim] if settings.export.dim else [])):
+        if any(dim > size for dim in dims):
+            raise ConfigError(f"config key '{key}': {max(dims)} is more than {settings.model.name}'s {size} dims")
+    return tuple(settings.loss.matryoshka_dims) if settings.loss.matryoshka_dims else None
+
+
 def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: dict) -> TrainingContext:
     """Model, tokens, sampler, schedule, optimizer and evaluator, prepared for the accelerator."""
     train_cfg, columns = settings.train, Columns.of(settings.data)
@@ -281,6 +294,7 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     model = load_model(settings.model.name, max_seq_length=settings.model.max_seq_length,
                        trust_remote_code=settings.model.trust_remote_code, device=str(accelerator.device),
                        dropout=settings.model.dropout)
+    dims = check_dims(settings, model)
     frame = splits["train"]
     with accelerator.main_process_first():
         tokens = tokenize_columns(model.tokenizer, [frame[c].tolist() for c in columns.names],
@@ -297,7 +311,8 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     model, optimizer = accelerator.prepare(encoder_for_training(model, settings.model.unpad), optimizer)
     accelerator.register_for_checkpointing(scheduler)
     eval_frame = cap_rows(splits["eval"], train_cfg.eval_max_rows, seed=train_cfg.seed)
-    evaluator = build_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size)
+    evaluator = build_dims_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size,
+                                     dims=dims)
     checkpoint = Checkpoint.for_run(settings, world_size=accelerator.num_processes)
     report = run_report(schedule, sampler, accelerator, train_rows=len(frame), eval_rows=len(eval_frame))
     best = BestWeights() if train_cfg.select_best and accelerator.is_main_process else None
@@ -575,14 +590,21 @@ def save_with_card(
 ) -> None:
     from pairtune.card import write_model_card
 
-    model.save(str(folder), create_model_card=False, safe_serialization=True)
-    write_model_card(folder / "README.md", model=model, settings=settings, result=result,
-                     train_frame=splits["train"], columns=Columns.of(settings.data), final=final)
+    previous = model.truncate_dim
+    if final and settings.export.dim:  # the served and the loaded final model truncate as the ONNX graph does
+        model.truncate_dim = settings.export.dim
+    try:
+        model.save(str(folder), create_model_card=False, safe_serialization=True)
+        write_model_card(folder / "README.md", model=model, settings=settings, result=result,
+                         train_frame=splits["train"], columns=Columns.of(settings.data), final=final)
+    finally:
+        model.truncate_dim = previous
 
 
 def card_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The card's metrics, rounded as the reports round them (reports/guard.json stays readable and stable)."""
-    return {name: round(metrics[name], 6) for name in CARD_METRICS if name in metrics}
+    """The card's metrics (and any per-dim ones), rounded as the reports round them (reports/guard.json)."""
+    names = [*CARD_METRICS, *sorted(name for name in metrics if name not in CARD_METRICS and "_dim" in name)]
+    return {name: round(metrics[name], 6) for name in names if name in metrics}
 
 
 def save_final_model(ctx: TrainingContext, model, settings: PairtuneConfig, result: TrainResult, splits: dict) -> None:
