@@ -100,6 +100,7 @@ class CardContext:
     guard: list[str] | None  # the final model's card: which blend the guard chose, why, and the tables
     dims: list[dict[str, float]]  # Matryoshka runs: {"dim", "mrr", "ndcg", "bytes"} per dim; empty otherwise
     truncate_dim: int | None  # export.dim on the final model: encode returns that many components
+    prompts: dict[str, str]  # data.anchor_prompt / positive_prompt as the model saves them; empty for none
     python_version: str
     framework_versions: dict[str, str]
 
@@ -227,6 +228,7 @@ def card_context(
         guard=guard_lines(result.guard) if final and result.guard is not None else None,
         dims=dims_rows(settings, metrics),
         truncate_dim=model.truncate_dim if final else None,
+        prompts=columns.model_prompts,
         python_version=platform.python_version(),
         framework_versions=_framework_versions(),
     )

@@ -65,7 +65,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 #: a checkpoint is written, speed), so a resume may. ``tests/test_checkpoint.py`` fails on a schema key that is
 #: in neither, or in both. The training data itself is in the fingerprint as the digests of its splits.
 SHAPES_THE_RUN = (
-    "data.anchor_column", "data.positive_column", "data.negative_column",
+    "data.anchor_column", "data.positive_column", "data.negative_column", "data.anchor_prompt", "data.positive_prompt",
     "model.name", "model.max_seq_length", "model.dropout", "model.unpad",
     "loss.scale", "loss.similarity", "loss.mini_batch_size", "loss.gather_across_devices", "loss.symmetric",
     "loss.matryoshka_dims", "loss.matryoshka_weights",

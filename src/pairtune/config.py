@@ -39,6 +39,10 @@ class DataConfig:
     anchor_column: str = "sentence_0"
     positive_column: str = "sentence_1"
     negative_column: str | None = None  # optional hard negatives
+    # Text put before every anchor (the model's "query" prompt) and every positive and negative ("document"),
+    # in training, evaluation, export and serving alike; None = no prompt, as the seed card
+    anchor_prompt: str | None = None
+    positive_prompt: str | None = None
     csv_delimiter: str = ","
     train_size: Any = 263  # int = rows, float in (0, 1) = fraction
     eval_size: Any = 45

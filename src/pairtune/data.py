@@ -38,15 +38,34 @@ class Columns:
     anchor: str = "sentence_0"
     positive: str = "sentence_1"
     negative: str | None = None
+    anchor_prompt: str | None = None  # the model's "query" prompt, put before every anchor
+    positive_prompt: str | None = None  # its "document" prompt, before every positive and negative
 
     @property
     def names(self) -> list[str]:
         return [c for c in (self.anchor, self.positive, self.negative) if c]
 
+    @property
+    def prompts(self) -> list[str]:
+        """The text put before each column's texts, in :attr:`names` order ("" for none)."""
+        return [self.anchor_prompt or ""] + [self.positive_prompt or ""] * (len(self.names) - 1)
+
+    @property
+    def model_prompts(self) -> dict[str, str]:
+        """What the saved model's ``prompts`` gain: ``{"query": ..., "document": ...}``, the ones that are set."""
+        named = {"query": self.anchor_prompt, "document": self.positive_prompt}
+        return {name: text for name, text in named.items() if text}
+
+    def prompted(self, frame) -> list[list[str]]:
+        """Each column's texts with its prompt in front: what the model reads."""
+        return [[prompt + text for text in frame[name].tolist()] for name, prompt in zip(self.names, self.prompts,
+                                                                                        strict=True)]
+
     @classmethod
     def of(cls, data: DataConfig) -> Columns:
-        """The columns a ``data`` config names."""
-        return cls(data.anchor_column, data.positive_column, data.negative_column)
+        """The columns a ``data`` config names, with its prompts."""
+        return cls(data.anchor_column, data.positive_column, data.negative_column, data.anchor_prompt,
+                   data.positive_prompt)
 
 
 def infer_format(path: Path, fmt: str | None) -> str:
@@ -333,10 +352,10 @@ def check_disjoint(splits: dict[str, pd.DataFrame], columns: Columns) -> None:
 
 
 def token_stats(frame: pd.DataFrame, columns: Columns, count_tokens: Callable[[Sequence[str]], list[int]]) -> dict:
-    """min/mean/max tokens per column, as in the dataset table of the seed card."""
+    """min/mean/max tokens per column, as in the dataset table of the seed card (the column's prompt included)."""
     stats = {}
-    for column in columns.names:
-        counts = count_tokens(frame[column].tolist())
+    for column, texts in zip(columns.names, columns.prompted(frame), strict=True):
+        counts = count_tokens(texts)
         stats[column] = {
             "min": int(min(counts)),
             "mean": round(sum(counts) / len(counts), 2),

@@ -276,7 +276,13 @@ def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int
             "smooth_alpha": SMOOTH_ALPHA,
             "calibration_sentences": calibration_size,
         },
-    } | ({"truncate_dim": int(model.truncate_dim)} if model.truncate_dim else {})
+    } | ({"truncate_dim": int(model.truncate_dim)} if model.truncate_dim else {}) | prompts_meta(model)
+
+
+def prompts_meta(model: SentenceTransformer) -> dict:
+    """The model's non-empty prompts, which :class:`OnnxEncoder` applies by name (none: no key, as before)."""
+    prompts = {name: text for name, text in model.prompts.items() if text}
+    return {"prompts": prompts} if prompts else {}
 
 
 def size_mb(path: Path) -> float:
@@ -386,11 +392,12 @@ def run_export(settings: PairtuneConfig) -> dict:
     columns, cfg = Columns.of(settings.data), settings.export
     check_truncate_dim(settings)
     splits = load_prepared(settings.paths.prepared)
-    calibration = splits["train"][columns.anchor].tolist() + splits["train"][columns.positive].tolist()
+    anchors, positives = columns.prompted(splits["train"])[:2]  # as the model reads them, prompts included
+    calibration = anchors + positives
     files = export_onnx(settings.paths.final, settings.paths.onnx, opset=cfg.opset, calibration_sentences=calibration,
                         int8_weights=cfg.int8_weights)
-    test = splits["test"]
-    sentences = test[columns.anchor].tolist() + test[columns.positive].tolist()
+    anchors, positives = columns.prompted(splits["test"])[:2]
+    sentences = anchors + positives
     log.info("export: parity and speed against PyTorch on %d test sentences", len(sentences))
     parity = measure_parity(settings.paths.final, settings.paths.onnx, sentences, batch_size=cfg.batch_size)
     floors = {"fp32": cfg.min_cosine_fp32, "int8": cfg.min_cosine_int8}

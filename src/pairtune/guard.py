@@ -100,16 +100,18 @@ def weights_digest(weights: Weights) -> str:
 
 
 class GeneralScorer:
-    """Scores a model on the general set, cached on disk by (weights, set, max length)."""
+    """Scores a model on the general set, cached on disk by (weights, set, max length, prompts when set)."""
 
     def __init__(self, general: GeneralSet, *, batch_size: int, cache: str | Path | None) -> None:
         self.general, self.evaluator = general, general.evaluator(batch_size)
         self.cache = Path(cache) if cache else None
 
     def __call__(self, model) -> dict[str, float]:
-        key = hashlib.sha256(
-            f"{weights_digest(model.state_dict())} {self.general.digest} {model.max_seq_length}".encode()
-        ).hexdigest()[:32]
+        prompts = {name: text for name, text in model.prompts.items() if text}  # encode_query/document apply them
+        identity = f"{weights_digest(model.state_dict())} {self.general.digest} {model.max_seq_length}"
+        if prompts:
+            identity += " " + json.dumps(prompts, sort_keys=True)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:32]
         path = self.cache / f"{key}.json" if self.cache else None
         if path is not None and path.is_file():
             return json.loads(path.read_text())

@@ -72,6 +72,7 @@ class OnnxEncoder:
         self.session = make_session(variant_path(self.folder, variant), threads, spin=spin)
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.dimension = int(self.meta["embedding_dimension"])
+        self.prompts: dict[str, str] = dict(self.meta.get("prompts", {}))  # the model's, e.g. {"query": "query: "}
 
     def _feed(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Tokenise one batch and keep only the inputs the graph declares."""
@@ -83,13 +84,19 @@ class OnnxEncoder:
         }
         return {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}  # (B, T)
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32, *, prompt_name: str | None = None) -> np.ndarray:
         """Embeddings of shape (N, dim), float32, in the order of ``texts``.
 
-        Texts are batched longest first, as sentence-transformers does, so each batch carries little padding.
+        ``prompt_name`` puts the model's prompt of that name before every text, as sentence-transformers'
+        ``encode(..., prompt_name=...)`` does. Texts are batched longest first, as sentence-transformers does,
+        so each batch carries little padding.
         """
         if isinstance(texts, str):
             raise TypeError("encode expects a list of strings, not one string")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise KeyError(f"{self.folder}: no prompt named {prompt_name!r}; the model has {sorted(self.prompts)}")
+            texts = [self.prompts[prompt_name] + text for text in texts]
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for start in range(0, len(order), batch_size):

@@ -58,7 +58,7 @@ def run_prepare(settings: PairtuneConfig) -> dict:
 def token_report(frame: pd.DataFrame, splits: dict[str, pd.DataFrame], columns: Columns, settings) -> dict:
     """Tokens per split and column, and how many texts ``model.max_seq_length`` will truncate."""
     tokenizer = load_fast_tokenizer(settings.model.name)
-    texts = [text for c in columns.names for text in frame[c].tolist()]
+    texts = [text for column in columns.prompted(frame) for text in column]  # as the model reads them
     tokens_of = dict(zip(texts, count_tokens(tokenizer, texts), strict=True))  # each text tokenised once
     limit = settings.model.max_seq_length
     too_long = sum(int(tokens_of[text] > limit) for text in texts)

@@ -287,6 +287,16 @@ def check_dims(settings: PairtuneConfig, model: SentenceTransformer) -> tuple[in
     return tuple(settings.loss.matryoshka_dims) if settings.loss.matryoshka_dims else None
 
 
+def apply_prompts(model: SentenceTransformer, columns: Columns, name: str) -> None:
+    """Give the model the run's prompts: evaluation (encode_query / encode_document) and the saved model use them."""
+    if not columns.model_prompts:
+        return
+    if any(getattr(module, "include_prompt", True) is False for module in model):
+        raise ConfigError(f"config key 'data.anchor_prompt': {name} pools without its prompt tokens "
+                          "(Pooling include_prompt=false), and pairtune trains on the whole prompted text")
+    model.prompts.update(columns.model_prompts)
+
+
 def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: dict) -> TrainingContext:
     """Model, tokens, sampler, schedule, optimizer and evaluator, prepared for the accelerator."""
     train_cfg, columns = settings.train, Columns.of(settings.data)
@@ -295,10 +305,10 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
                        trust_remote_code=settings.model.trust_remote_code, device=str(accelerator.device),
                        dropout=settings.model.dropout)
     dims = check_dims(settings, model)
+    apply_prompts(model, columns, settings.model.name)
     frame = splits["train"]
     with accelerator.main_process_first():
-        tokens = tokenize_columns(model.tokenizer, [frame[c].tolist() for c in columns.names],
-                                  max_length=settings.model.max_seq_length)
+        tokens = tokenize_columns(model.tokenizer, columns.prompted(frame), max_length=settings.model.max_seq_length)
     sampler = build_sampler(frame, columns, train_cfg, accelerator)
     schedule = Schedule.for_sampler(sampler, train_cfg)
     optimizer = build_optimizer(model, train_cfg)

@@ -64,7 +64,11 @@ def log_model(model_dir: Path, registered_name: str | None) -> None:
     mlflow = _mlflow()
     model = SentenceTransformer(str(model_dir), device="cpu")
     example = ["Ada ? whr sh @ nit", "Ada wondered where the ship had gone that night."]
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
     signature = mlflow.models.infer_signature(example, np.asarray(model.encode(example)))
+    # params={"prompt_name": "query"} applies the model's saved prompt, as encode(..., prompt_name=...) does
+    signature.params = ParamSchema([ParamSpec("prompt_name", "string", None)])
     info = mlflow.sentence_transformers.log_model(
         model,
         name="model",
