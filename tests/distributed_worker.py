@@ -60,7 +60,7 @@ def count_allreduces(out: str) -> None:
                               max_length=256)
     rank = accelerator.process_index
     batch = tokens.batch(list(range(rank * 16, (rank + 1) * 16)))
-    model = accelerator.prepare(encoder_for_training(model, unpad=True))
+    model = accelerator.prepare(encoder_for_training(model, unpad=True)[0])
     calls = {"n": 0}
 
     def counting_hook(state, bucket):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pairtune.batching import tokenize_columns
+from pairtune.config import ConfigError
 from pairtune.losses import mnrl_loss
 from pairtune.training import encoder_for_training, reset_gradients, train
 from pairtune.unpad import UnpaddedEncoder, _attention, _Grid, dropout, supports_unpadding
@@ -88,8 +89,13 @@ def test_encoders_it_does_not_know_keep_the_padded_forward(base_model):
     relative = copy.deepcopy(base_model)
     relative[0].auto_model.config.position_embedding_type = "relative_key"
     assert not supports_unpadding(relative)
-    assert encoder_for_training(relative, unpad=True) is relative
-    assert encoder_for_training(base_model, unpad=False) is base_model
+    module, padded = encoder_for_training(relative, unpad="auto")
+    assert module is relative and "BertModel has no unpadded forward" in padded
+    with pytest.raises(ConfigError, match="config key 'model.unpad': BertModel has no unpadded forward"):
+        encoder_for_training(relative, unpad=True)
+    assert encoder_for_training(base_model, unpad=False) == (base_model, None)
+    module, padded = encoder_for_training(base_model, unpad="auto")
+    assert isinstance(module, UnpaddedEncoder) and padded is None
     with pytest.raises(ValueError, match="needs a BERT encoder"):
         UnpaddedEncoder(relative)
 

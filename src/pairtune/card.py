@@ -101,6 +101,7 @@ class CardContext:
     dims: list[dict[str, float]]  # Matryoshka runs: {"dim", "mrr", "ndcg", "bytes"} per dim; empty otherwise
     truncate_dim: int | None  # export.dim on the final model: encode returns that many components
     prompts: dict[str, str]  # data.anchor_prompt / positive_prompt as the model saves them; empty for none
+    padded: str | None  # why model.unpad=auto trained padded (an encoder without an unpadded forward)
     python_version: str
     framework_versions: dict[str, str]
 
@@ -229,6 +230,7 @@ def card_context(
         dims=dims_rows(settings, metrics),
         truncate_dim=model.truncate_dim if final else None,
         prompts=columns.model_prompts,
+        padded=result.padded,
         python_version=platform.python_version(),
         framework_versions=_framework_versions(),
     )

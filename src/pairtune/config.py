@@ -67,9 +67,12 @@ class ModelConfig:
     max_seq_length: int = 256
     trust_remote_code: bool = False
     dropout: float | None = None  # None keeps the checkpoint's dropout; 0.0 makes training deterministic per row
-    unpad: bool = True  # train BERT encoders on packed real tokens (same outputs, no work on padding)
+    # auto: BERT encoders train on packed real tokens (same outputs, no work on padding), others padded;
+    # true: unpadded or an error; false: padded
+    unpad: Any = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.unpad in (True, False, "auto"), "model.unpad", f"must be auto, true or false, got {self.unpad!r}")
         _require(bool(self.name), "model.name", "must not be empty")
         _require(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1) or null")
         _require(self.max_seq_length > 0, "model.max_seq_length", "must be > 0")

@@ -108,6 +108,7 @@ class TrainResult:
     final_dir: Path | None = None  # the final model (paths.final): the guard's blend, or the trained model
     guard: Any = None  # pairtune.guard.GuardReport when the guard ran
     warnings: list[str] = field(default_factory=list)  # "why no gain" signals the run raised
+    padded: str | None = None  # model.unpad=auto on an encoder without an unpadded forward: said on the card
 
     @property
     def final_metrics(self) -> dict[str, float]:

@@ -39,7 +39,7 @@ from pairtune.onnx_encoder import META_FILE, ONNX_SUBDIR, OUTPUT_NAME, VARIANT_F
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # those the model's tokenizer makes, in this order
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SMOOTH_ALPHA = 0.7  # swept 0.3-1.0 on MiniLM-L6 + bundled pairs: 0.7 gave the best worst-case int8 cosine
 # Generic text, unrelated to any test set, to estimate per-channel activation ranges; pass in-domain
@@ -67,17 +67,17 @@ DEFAULT_CALIBRATION = (
 class SentenceEncoderGraph(torch.nn.Module):
     """Transformer -> mean pooling over real tokens -> (the first ``dim`` components) -> L2 normalisation."""
 
-    def __init__(self, transformer: torch.nn.Module, dim: int | None = None) -> None:
+    def __init__(self, transformer: torch.nn.Module, dim: int | None = None,
+                 input_names: tuple[str, ...] = INPUT_NAMES) -> None:
         super().__init__()
         self.transformer = transformer
         self.dim = dim
+        self.input_names = input_names  # MPNet and XLM-RoBERTa take no token_type_ids
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        tokens = self.transformer(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # (B, T, H)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.input_names, inputs, strict=True))  # each (B, T)
+        attention_mask = named["attention_mask"]
+        tokens = self.transformer(**named).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
         pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
         if self.dim is not None:
@@ -114,16 +114,23 @@ def load_exportable(model_dir: str | Path) -> SentenceTransformer:
     return model
 
 
+def input_names(model: SentenceTransformer) -> tuple[str, ...]:
+    """The graph's inputs: those of INPUT_NAMES the model's tokenizer makes (BERT all three, MPNet two)."""
+    made = set(model.tokenizer.model_input_names)
+    return tuple(name for name in INPUT_NAMES if name in made)
+
+
 def trace_inputs(model: SentenceTransformer) -> tuple[torch.Tensor, ...]:
     """A padded batch of two, so the traced graph carries the masking path rather than a constant."""
     batch = model.tokenizer(["an example sentence to trace", "short"], padding=True, return_tensors="pt")
-    return tuple(batch[name] for name in INPUT_NAMES)
+    return tuple(batch[name] for name in input_names(model))
 
 
 def export_graph(model: SentenceTransformer, path: Path, *, opset: int) -> None:
     """Trace the whole encoder into ``path`` with dynamic batch and sequence axes, then check it."""
-    axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
-    graph = SentenceEncoderGraph(model[0].auto_model, dim=model.truncate_dim).eval()
+    names = input_names(model)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {OUTPUT_NAME: {0: "batch"}}
+    graph = SentenceEncoderGraph(model[0].auto_model, dim=model.truncate_dim, input_names=names).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # The exporter warns about shape-dependent Python branches; for an encoder without a KV cache they
         # are constant (no causal mask, no padding of the key length), so the trace generalises.
@@ -135,7 +142,7 @@ def export_graph(model: SentenceTransformer, path: Path, *, opset: int) -> None:
             graph,
             trace_inputs(model),
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=[OUTPUT_NAME],
             dynamic_axes=axes,
             opset_version=opset,
@@ -266,7 +273,7 @@ def export_meta(model: SentenceTransformer, *, opset: int, calibration_size: int
         "pooling": "mean",
         "normalize": True,
         "embedding_dimension": int(model.get_embedding_dimension()),  # truncate_dim when the model has one
-        "input_names": list(INPUT_NAMES),
+        "input_names": list(input_names(model)),
         "output_name": OUTPUT_NAME,
         "opset": opset,
         "variants": {variant: f"{ONNX_SUBDIR}/{name}" for variant, name in VARIANT_FILES.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -23,11 +24,23 @@ def load_model(
     source, origin = resolve_model_source(name)
     log.info("model %s from the %s", name, origin)
     model = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
+    if not has_modules_file(source):
+        log.warning("model %s: no sentence-transformers modules.json, so %s pooling over its tokens", name,
+                    getattr(model[-1], "pooling_mode", "mean"))
     model.max_seq_length = max_seq_length
     if dropout is not None:
         set_dropout(model, dropout)
     freeze_unused_pooler(model)
     return model
+
+
+def has_modules_file(source: str) -> bool:
+    """Whether ``source`` (a folder or a hub id in the local cache) says how it pools; unknown counts as yes."""
+    if Path(source).is_dir():
+        return (Path(source) / "modules.json").is_file()
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    return try_to_load_from_cache(source, "modules.json") is not _CACHED_NO_EXIST
 
 
 def freeze_unused_pooler(model: torch.nn.Module) -> None:

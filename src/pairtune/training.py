@@ -209,15 +209,23 @@ def reset_gradients(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         param.grad = grad.zero_()
 
 
-def encoder_for_training(model: SentenceTransformer, unpad: bool) -> torch.nn.Module:
-    """The module the loop trains: the model itself, or its unpadded forward when asked and supported."""
-    if not unpad:
-        return model
-    if not supports_unpadding(model):
-        encoder = getattr(model[0], "auto_model", model[0])
-        log.info("model.unpad: %s is not a BERT encoder, training with padded batches", type(encoder).__name__)
-        return model
-    return UnpaddedEncoder(model)
+def encoder_for_training(model: SentenceTransformer, unpad: bool | str) -> tuple[torch.nn.Module, str | None]:
+    """The module the loop trains (the model itself, or its unpadded forward), and why it is padded if auto chose so.
+
+    ``model.unpad=auto`` unpads the encoders :mod:`pairtune.unpad` supports (BERT: MiniLM, BGE, E5, GTE ...) and
+    trains the others padded, saying so once; ``true`` on an unsupported encoder is a config error.
+    """
+    if unpad is False:
+        return model, None
+    if supports_unpadding(model):
+        return UnpaddedEncoder(model), None
+    name = type(getattr(model[0], "auto_model", model[0])).__name__
+    if unpad is True:
+        raise ConfigError(f"config key 'model.unpad': {name} has no unpadded forward (BERT encoders have); "
+                          "use auto or false")
+    notice = f"padded batches: {name} has no unpadded forward in pairtune (BERT encoders have), model.unpad=auto"
+    log.info("model.unpad: %s", notice)
+    return model, notice
 
 
 def sentence_model(accelerator: Accelerator, model: torch.nn.Module) -> SentenceTransformer:
@@ -259,6 +267,7 @@ class TrainingContext:
     best: BestWeights | None = None  # train.select_best, main process only
     base_weights: dict[str, torch.Tensor] | None = None  # the guard's blends start here (main process only)
     warnings: dict[str, str] = field(default_factory=dict)  # "why no gain" signals, each said once
+    padded: str | None = None  # why an auto run trains padded (an encoder without an unpadded forward)
 
     def save_checkpoint(self, state: LoopState, run_id: str | None) -> None:
         extra = self.best.save if self.best is not None else None
@@ -318,7 +327,8 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     base = None
     if settings.guard.enabled and accelerator.is_main_process:  # a CPU copy of the weights before training
         base = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-    model, optimizer = accelerator.prepare(encoder_for_training(model, settings.model.unpad), optimizer)
+    encoder, padded = encoder_for_training(model, settings.model.unpad)
+    model, optimizer = accelerator.prepare(encoder, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     eval_frame = cap_rows(splits["eval"], train_cfg.eval_max_rows, seed=train_cfg.seed)
     evaluator = build_dims_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size,
@@ -327,7 +337,7 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     report = run_report(schedule, sampler, accelerator, train_rows=len(frame), eval_rows=len(eval_frame))
     best = BestWeights() if train_cfg.select_best and accelerator.is_main_process else None
     return TrainingContext(train_cfg, settings.loss, accelerator, model, optimizer, scheduler, sampler, schedule,
-                           tokens, evaluator, checkpoint, report, best, base)
+                           tokens, evaluator, checkpoint, report, best, base, padded=padded)
 
 
 def run_report(schedule: Schedule, sampler, accelerator: Accelerator, **rows: int) -> dict[str, Any]:
@@ -567,6 +577,7 @@ def train_result(settings: PairtuneConfig, ctx: TrainingContext, state: LoopStat
         pairs_per_second=state.pairs_seen / state.seconds if state.seconds else 0.0,
         similarity=settings.loss.similarity,
         warnings=list(ctx.warnings.values()),
+        padded=ctx.padded,
     )
 
 
