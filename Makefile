@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep tune ui serve bench bench-scale bench-quality bench-matryoshka test lint format clean
+.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep tune ui serve bench bench-scale bench-quality bench-matryoshka bench-sources test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ bench-quality: $(STAMP) ## recipes x 3 data sets x seeds 42 1 2, chosen on eval,
 
 bench-matryoshka: $(STAMP) ## MRR@10 at each embedding size, plain vs Matryoshka loss, 3 data sets x seeds 42 1 (~10 min)
 	$(PY) bench/matryoshka.py $(ARGS)
+
+bench-sources: $(STAMP) ## one model on the three bundled sources vs one per source, test split of each (~8 min)
+	$(PY) bench/sources.py $(ARGS)
 
 browser: ## Debian's chromium for the browser tests (installed once)
 	@command -v chromium >/dev/null || { apt-get update -qq && \

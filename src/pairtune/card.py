@@ -102,6 +102,8 @@ class CardContext:
     truncate_dim: int | None  # export.dim on the final model: encode returns that many components
     prompts: dict[str, str]  # data.anchor_prompt / positive_prompt as the model saves them; empty for none
     padded: str | None  # why model.unpad=auto trained padded (an encoder without an unpadded forward)
+    sources: list[dict[str, Any]]  # data.sources: name, where, weight, train rows, final eval MRR@10; empty for one
+    objective: str  # several sources: what the headline eval metrics are
     python_version: str
     framework_versions: dict[str, str]
 
@@ -207,7 +209,8 @@ def card_context(
     metrics = result.guard.final.task if final and result.guard is not None else result.final_metrics
     return CardContext(
         base_model=_portable(settings.model.name),
-        dataset_name=_portable(settings.data.source),
+        dataset_name=(", ".join(s.name for s in settings.data.sources) if settings.data.sources
+                      else _portable(settings.data.source)),
         model_path=_portable(settings.paths.final if final else settings.paths.model),
         dataset_size=len(train_frame),
         max_seq_length=model.max_seq_length,
@@ -231,9 +234,23 @@ def card_context(
         truncate_dim=model.truncate_dim if final else None,
         prompts=columns.model_prompts,
         padded=result.padded,
+        sources=sources_rows(settings, train_frame, metrics),
+        objective={"mean": "the mean over the sources", "all": "those of all sources' rows pooled"}.get(
+            settings.data.objective, f"those of the source {settings.data.objective}"),
         python_version=platform.python_version(),
         framework_versions=_framework_versions(),
     )
+
+
+def sources_rows(settings: PairtuneConfig, train_frame: pd.DataFrame, metrics: dict[str, float]) -> list[dict]:
+    """The card's sources table: each source with its training rows, weight and final eval MRR@10 and NDCG@10."""
+    rows = []
+    for source in settings.data.sources or []:
+        train_rows = int((train_frame["source"] == source.name).sum()) if "source" in train_frame else 0
+        rows.append({"name": source.name, "source": _portable(source.source), "weight": source.weight,
+                     "rows": train_rows, "mrr": metrics.get(f"{source.name}/cosine_mrr@10"),
+                     "ndcg": metrics.get(f"{source.name}/cosine_ndcg@10")})
+    return rows
 
 
 def dims_rows(settings: PairtuneConfig, metrics: dict[str, float]) -> list[dict[str, float]]:

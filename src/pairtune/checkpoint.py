@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 #: in neither, or in both. The training data itself is in the fingerprint as the digests of its splits.
 SHAPES_THE_RUN = (
     "data.anchor_column", "data.positive_column", "data.negative_column", "data.anchor_prompt", "data.positive_prompt",
+    "data.sources", "data.objective", "train.source_sampling",  # which batches come from which source, and when
     "model.name", "model.max_seq_length", "model.dropout", "model.unpad",
     "loss.scale", "loss.similarity", "loss.mini_batch_size", "loss.gather_across_devices", "loss.symmetric",
     "loss.matryoshka_dims", "loss.matryoshka_weights",
@@ -106,6 +107,8 @@ def setting(settings: PairtuneConfig, key: str) -> Any:
     value: Any = settings
     for part in key.split("."):
         value = getattr(value, part)
+    if isinstance(value, list) and value and is_dataclass(value[0]):  # data.sources: plain, JSON-ready dicts
+        return [asdict(item) for item in value]
     return value
 
 

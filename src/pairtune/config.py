@@ -9,6 +9,7 @@ passes the composed config (or DVC's ``params.yaml``) through :func:`load_settin
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,36 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: where its pairs are, their columns, how it is split and weighted."""
+
+    name: str = ""  # how metrics, the card and MLflow name it: letters, digits, _ and -
+    source: str = ""  # any form data.source takes
+    revision: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    format: str | None = None
+    anchor_column: str | None = None  # None: data.anchor_column (likewise the others)
+    positive_column: str | None = None
+    negative_column: str | None = None
+    train_size: Any = 0.71  # of this source's rows (int = rows, float = fraction); the rest after eval is test
+    eval_size: Any = 0.12
+    weight: float = 1.0  # proportional sampling: this source's batches per epoch, times its own count
+
+    def __post_init__(self) -> None:
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name or "")), "data.sources.name",
+                 f"must be letters, digits, _ or -, got {self.name!r}")
+        _require(bool(self.source), f"data.sources.{self.name}.source", "must not be empty")
+        _require(self.weight > 0, f"data.sources.{self.name}.weight", "must be > 0")
+        for key in ("train_size", "eval_size"):
+            value = getattr(self, key)
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
+                isinstance(value, float) and 0.0 < value < 1.0
+            )
+            _require(ok, f"data.sources.{self.name}.{key}", f"must be a positive row count or a fraction, got {value!r}")
+
+
+@dataclass
 class DataConfig:
     source: str = "data/raw/pairs.jsonl"  # a file, a save_to_disk folder, a dataset folder or a hub dataset id
     revision: str | None = None  # hub datasets: a branch, tag or commit; None = the default branch
@@ -47,8 +78,17 @@ class DataConfig:
     train_size: Any = 263  # int = rows, float in (0, 1) = fraction
     eval_size: Any = 45
     split_seed: int = 42
+    # Several sources in one run (None: data.source alone, as the seed card); each global batch comes from one
+    sources: list[SourceConfig] | None = None
+    objective: str = "mean"  # several sources: the headline metrics are the mean over sources, "all" (pooled) or one source's
 
     def __post_init__(self) -> None:
+        if self.sources is not None:
+            names = [source.name for source in self.sources]
+            _require(len(names) > 0, "data.sources", "must list at least one source, or be null")
+            _require(len(set(names)) == len(names), "data.sources", f"names must be distinct, got {names}")
+            _require(self.objective in ("mean", "all", *names), "data.objective",
+                     f"must be mean, all or a source name ({', '.join(names)}), got {self.objective!r}")
         for key in ("train_size", "eval_size"):
             value = getattr(self, key)
             ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
@@ -133,6 +173,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     batch_sampler: str = "random"  # random | no_duplicates
+    # several sources: each global batch from one source; proportional (every batch of every source once per
+    # epoch, times its weight, in a seeded order) | round_robin (one batch of each in turn, until one runs out)
+    source_sampling: str = "proportional"
     drop_last: bool = False
     eval_on_start: bool = True  # the step-0 row of the card: the base model's scores
     select_best: bool = False  # save the weights of the best eval MRR@10 (step 0 included), not the last step's
@@ -162,6 +205,8 @@ class TrainConfig:
         _require(self.scheduler in ("linear", "constant", "cosine"), "train.scheduler", "linear|constant|cosine")
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no|fp16|bf16")
         _require(self.batch_sampler in ("random", "no_duplicates"), "train.batch_sampler", "random|no_duplicates")
+        _require(self.source_sampling in ("proportional", "round_robin"), "train.source_sampling",
+                 "proportional|round_robin")
         _require(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
         _require(self.resume in (True, False, "auto"), "train.resume", f"must be true, false or auto, got {self.resume!r}")
         for key in ("checkpoint_every_steps", "eval_every_steps", "eval_max_rows"):

@@ -12,6 +12,7 @@ from pairtune.config import PairtuneConfig
 from pairtune.core import CARD_METRICS, DIM_METRICS, PRIMARY_METRIC, dim_metric, metric_key
 from pairtune.data import Columns, load_prepared, pairs_digest, read_pairs
 from pairtune.files import write_json_atomic
+from pairtune.sources import SOURCE_COLUMN
 
 
 def cap_rows(frame: pd.DataFrame, max_rows: int | None, *, seed: int) -> pd.DataFrame:
@@ -103,23 +104,62 @@ def build_dims_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, ba
     return DimsEvaluator(full, by_dim)
 
 
+class SourcesEvaluator:
+    """Several sources: each scored on its own rows (``harbour/cosine_mrr@10``), all rows pooled
+    (``all/cosine_mrr@10``), and the headline metrics the ``objective``: the mean over sources, ``all`` or one
+    source's (``data.objective``)."""
+
+    def __init__(self, by_source: dict, pooled, objective: str) -> None:
+        self.by_source, self.pooled, self.objective, self.name = by_source, pooled, objective, pooled.name
+
+    def __call__(self, model: SentenceTransformer) -> dict[str, float]:
+        scored = {name: run_evaluator(evaluator, model) for name, evaluator in self.by_source.items()}
+        scored["all"] = run_evaluator(self.pooled, model)
+        if self.objective == "mean":
+            headline = {k: sum(m[k] for n, m in scored.items() if n != "all") / len(self.by_source)
+                        for k in scored["all"]}
+        else:
+            headline = dict(scored[self.objective])
+        return headline | {f"{name}/{k}": v for name, metrics in scored.items() for k, v in metrics.items()}
+
+
+def build_split_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32,
+                          dims: tuple[int, ...] | None = None, objective: str = "mean"):
+    """The evaluator of one split: per source and pooled when the split has several sources, else one."""
+    if SOURCE_COLUMN not in frame:
+        return build_dims_evaluator(frame, columns, name=name, batch_size=batch_size, dims=dims)
+    by_source = {
+        source: build_dims_evaluator(part.reset_index(drop=True), columns, name=name, batch_size=batch_size, dims=dims)
+        for source, part in frame.groupby(SOURCE_COLUMN, sort=False)
+    }
+    pooled = build_dims_evaluator(frame, columns, name=name, batch_size=batch_size, dims=dims)
+    return SourcesEvaluator(by_source, pooled, objective)
+
+
 def run_evaluator(evaluator, model: SentenceTransformer) -> dict[str, float]:
     """Metrics without the evaluator's name prefix: ``{"cosine_mrr@10": 0.61, ...}``."""
     raw = evaluator(model)
-    if isinstance(evaluator, DimsEvaluator):
+    if isinstance(evaluator, DimsEvaluator | SourcesEvaluator):
         return raw
     prefix = f"{evaluator.name}_" if evaluator.name else ""
     return {key.removeprefix(prefix): float(value) for key, value in raw.items()}
 
 
 def evaluate_split(model, frame: pd.DataFrame, columns: Columns, *, batch_size: int,
-                   dims: list[int] | None = None) -> dict[str, float]:
+                   dims: list[int] | None = None, objective: str = "mean") -> dict[str, float]:
     """The card's metrics on one split (and DIM_METRICS at each of ``dims``), under names MLflow and DVC accept,
     rounded for stable reports. A model saved with ``truncate_dim`` (export.dim) is scored as it serves."""
-    evaluator = build_dims_evaluator(frame, columns, name="test", batch_size=batch_size, dims=tuple(dims or ()))
+    evaluator = build_split_evaluator(frame, columns, name="test", batch_size=batch_size, dims=tuple(dims or ()),
+                                      objective=objective)
     metrics = run_evaluator(evaluator, model)
     names = [*CARD_METRICS, *(dim_metric(m, d) for d in dims or () for m in DIM_METRICS)]
+    names += [f"{scope}/{m}" for scope in sources_of(frame) for m in names]  # several sources: each, and all
     return {metric_key(m): round(metrics[m], 6) for m in names}
+
+
+def sources_of(frame: pd.DataFrame) -> list[str]:
+    """The sources of a split with several (in order of first row), then ``all``; none for one source."""
+    return [*dict.fromkeys(frame[SOURCE_COLUMN]), "all"] if SOURCE_COLUMN in frame else []
 
 
 def promotion_set(settings: PairtuneConfig, splits: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
@@ -149,11 +189,13 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
     for label, name in (("base", settings.model.name), ("final", settings.paths.final)):
         models[label] = load_model(name, max_seq_length=settings.model.max_seq_length,
                                    trust_remote_code=settings.model.trust_remote_code)
-        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch, dims=dims)
+        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch, dims=dims,
+                                       objective=settings.data.objective)
     report["test_rows"] = len(splits["test"])
     if models["final"].truncate_dim:  # export.dim: the final row is the served, truncated model
         report["final_truncate_dim"] = models["final"].truncate_dim
-    scored = evaluate_split(models["final"], promotion, Columns(columns.anchor, columns.positive), batch_size=batch)
+    scored = evaluate_split(models["final"], promotion, Columns(columns.anchor, columns.positive), batch_size=batch,
+                            objective=settings.data.objective)
     report["promotion"] = {"data": described, "sha256": pairs_digest(promotion, columns), **scored}
     general = general_change(settings, models)
     if general is not None:

@@ -31,6 +31,8 @@ def run_prepare(settings: PairtuneConfig) -> dict:
     tracker can log the data's origin as the matching MLflow dataset type.
     """
     data, columns = settings.data, Columns.of(settings.data)
+    if data.sources is not None:
+        return prepare_several(settings, columns)
     frame, source = read_source(PairSource.of(data), columns, fmt=data.format, delimiter=data.csv_delimiter)
     frame, dropped = drop_duplicate_pairs(frame)
     log.info("read %d pairs from %s, dropped %d exact duplicate pairs", len(frame) + dropped, source.label, dropped)
@@ -50,6 +52,26 @@ def run_prepare(settings: PairtuneConfig) -> dict:
         "dropped_duplicates": dropped,
         **token_report(frame, splits, columns, settings),
     }
+    write_prepared(settings.paths.prepared, splits, stats)
+    log.info("wrote %s: %s", settings.paths.prepared, stats["rows"])
+    return stats
+
+
+def prepare_several(settings: PairtuneConfig, columns: Columns) -> dict:
+    """``data.sources``: each source split on its own, stacked with a ``source`` column; rows per source and split."""
+    from pairtune.sources import prepare_sources
+
+    splits, stats = prepare_sources(settings.data, columns)
+    for name, part in stats["sources"].items():
+        if part["rows"]["train"] < 1 or part["rows"]["eval"] < 1:
+            raise PairDataError(f"data.sources '{name}': {part['rows']} rows per split; every source needs train and "
+                                "eval rows")
+    if len(splits["train"]) < settings.train.batch_size:
+        raise PairDataError(f"data.sources: {len(splits['train'])} training pairs, fewer than one batch "
+                            f"(train.batch_size={settings.train.batch_size})")
+    frame = pd.concat(list(splits.values()), ignore_index=True)
+    stats = {"rows": {name: len(split) for name, split in splits.items()}, **stats,
+             **token_report(frame, splits, columns, settings)}
     write_prepared(settings.paths.prepared, splits, stats)
     log.info("wrote %s: %s", settings.paths.prepared, stats["rows"])
     return stats

@@ -7,6 +7,7 @@ processes of 16 therefore see exactly the rows one process of 32 would, in the s
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -275,3 +276,72 @@ class _NoDuplicatePacker:
                 return
         batch.append(row)
         seen.update(texts)
+
+
+class SourceBatchSampler(GlobalBatchSampler):
+    """Global batches drawn from one source at a time, the same source on every process (``data.sources``).
+
+    Negatives from another source are easy to tell apart by their style alone, which teaches a shortcut, so
+    no global batch mixes sources. Each source's rows are cut into global batches as
+    :class:`GlobalBatchSampler` cuts a whole set (random or no-duplicates, seeded from ``seed + epoch`` and
+    the source's place in the list); then ``proportional`` takes each source's batches ``weight`` times (a
+    fraction takes the first ones, more than 1 adds reshuffled passes) and orders all of them by one seeded
+    shuffle, so every stretch of an epoch holds the sources in about their shares; ``round_robin`` takes one
+    batch of each source in turn and ends the epoch when any source runs out. An epoch depends on
+    ``seed + epoch`` alone, so a resume rebuilds it exactly and skips the batches already done.
+    """
+
+    def __init__(self, sources: Sequence[str], batch_size: int, *, weights: dict[str, float] | None = None,
+                 mode: str = "proportional", **kwargs) -> None:
+        super().__init__(len(sources), batch_size, **kwargs)
+        self.names = list(dict.fromkeys(sources))
+        labels = np.asarray(sources, dtype=object)
+        self.rows_of = {name: np.flatnonzero(labels == name) for name in self.names}  # in frame order
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in self.names}
+        if mode not in ("proportional", "round_robin"):
+            raise ValueError(f"unknown source sampling {mode!r}")
+        self.mode = mode
+        self.batch_sources: list[str] = []  # the current epoch's source of each global batch
+
+    def _source_pass(self, index: int, name: str, number: int) -> list[list[int]]:
+        """One shuffled pass over one source's rows, cut into global batches (random or no-duplicates)."""
+        rows, size = self.rows_of[name], self.global_batch_size
+        seed = self.seed + self.epoch + 1_000_003 * (index + 1) + 7_919 * number
+        order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).numpy()].tolist()
+        if self.text_ids is None:
+            cut = [order[i : i + size] for i in range(0, len(order), size)]
+        else:
+            cut = _NoDuplicatePacker(self.text_ids, size).pack(order)
+        return [b for b in cut if len(b) >= self.world_size and not (self.drop_last and len(b) < size)]
+
+    def _build(self) -> list[list[int]]:
+        per_source = {}
+        for index, name in enumerate(self.names):
+            weight = self.weights[name] if self.mode == "proportional" else 1.0
+            batches = self._source_pass(index, name, 0)
+            wanted = max(1, round(weight * len(batches)))
+            for number in range(1, math.ceil(weight)):
+                batches += self._source_pass(index, name, number)
+            per_source[name] = batches[:wanted]
+        if self.mode == "round_robin":
+            turns = min(len(batches) for batches in per_source.values())
+            labelled = [(name, per_source[name][turn]) for turn in range(turns) for name in self.names]
+        else:
+            labelled = [(name, batch) for name in self.names for batch in per_source[name]]
+            order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            labelled = [labelled[i] for i in order.tolist()]
+        self.batch_sources = [name for name, _ in labelled]
+        return [batch for _, batch in labelled]
+
+    def _epoch_batches(self) -> list[list[int]]:
+        batches = super()._epoch_batches()
+        kept = len({row for batch in batches for row in batch})
+        self._epoch_counts[self.epoch] = (len(batches), self.n_rows - kept)
+        return batches
+
+    @property
+    def rows_left_out(self) -> int:
+        return self._counts()[1]
+
+    def __len__(self) -> int:
+        return self._counts()[0]

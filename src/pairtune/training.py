@@ -36,14 +36,15 @@ from pairtune.core import (
     TrainResult,
 )
 from pairtune.data import Columns, load_prepared
-from pairtune.evaluation import build_dims_evaluator, cap_rows, run_evaluator
+from pairtune.evaluation import build_split_evaluator, cap_rows, run_evaluator
 from pairtune.files import write_atomic_dir
 from pairtune.losses import batch_signals, cached_mnrl_step, mnrl_loss, ranking_loss
 from pairtune.memory import reuse_freed_memory
 from pairtune.modeling import load_model
-from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+from pairtune.sampling import GlobalBatchSampler, SourceBatchSampler, text_ids_from_columns
 from pairtune.selection import BestWeights
 from pairtune.signals import STOP, TrainingInterrupted
+from pairtune.sources import SOURCE_COLUMN
 from pairtune.unpad import UnpaddedEncoder, supports_unpadding
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,19 @@ def forget_other_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def build_sampler(frame, columns: Columns, train: TrainConfig, accelerator: Accelerator) -> GlobalBatchSampler:
-    """The seeded global-batch sampler; the texts it compares are only built for ``no_duplicates``."""
+def build_sampler(frame, columns: Columns, train: TrainConfig, accelerator: Accelerator,
+                  weights: dict[str, float] | None = None) -> GlobalBatchSampler:
+    """The seeded global-batch sampler (one source per global batch when the frame has several); the texts it
+    compares are only built for ``no_duplicates``."""
     text_ids = None
     if train.batch_sampler == "no_duplicates":
         text_ids = text_ids_from_columns([frame[c] for c in columns.names])
-    return GlobalBatchSampler(
-        len(frame),
-        train.batch_size,
-        seed=train.seed,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
-        drop_last=train.drop_last,
-        text_ids=text_ids,
-    )
+    options = {"seed": train.seed, "world_size": accelerator.num_processes, "rank": accelerator.process_index,
+               "drop_last": train.drop_last, "text_ids": text_ids}
+    if SOURCE_COLUMN in frame:
+        return SourceBatchSampler(frame[SOURCE_COLUMN].tolist(), train.batch_size, weights=weights,
+                                  mode=train.source_sampling, **options)
+    return GlobalBatchSampler(len(frame), train.batch_size, **options)
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -318,7 +318,8 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     frame = splits["train"]
     with accelerator.main_process_first():
         tokens = tokenize_columns(model.tokenizer, columns.prompted(frame), max_length=settings.model.max_seq_length)
-    sampler = build_sampler(frame, columns, train_cfg, accelerator)
+    weights = {source.name: source.weight for source in settings.data.sources or []}
+    sampler = build_sampler(frame, columns, train_cfg, accelerator, weights)
     schedule = Schedule.for_sampler(sampler, train_cfg)
     optimizer = build_optimizer(model, train_cfg)
     scheduler = get_scheduler(train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps,
@@ -331,8 +332,8 @@ def setup_training(settings: PairtuneConfig, accelerator: Accelerator, splits: d
     model, optimizer = accelerator.prepare(encoder, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     eval_frame = cap_rows(splits["eval"], train_cfg.eval_max_rows, seed=train_cfg.seed)
-    evaluator = build_dims_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size,
-                                     dims=dims)
+    evaluator = build_split_evaluator(eval_frame, columns, name="eval", batch_size=train_cfg.eval_batch_size,
+                                      dims=dims, objective=settings.data.objective)
     checkpoint = Checkpoint.for_run(settings, world_size=accelerator.num_processes)
     report = run_report(schedule, sampler, accelerator, train_rows=len(frame), eval_rows=len(eval_frame))
     best = BestWeights() if train_cfg.select_best and accelerator.is_main_process else None
@@ -623,8 +624,9 @@ def save_with_card(
 
 
 def card_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The card's metrics (and any per-dim ones), rounded as the reports round them (reports/guard.json)."""
-    names = [*CARD_METRICS, *sorted(name for name in metrics if name not in CARD_METRICS and "_dim" in name)]
+    """The card's metrics (and any per-dim or per-source ones), rounded as the reports round them (guard.json)."""
+    extra = sorted(name for name in metrics if name not in CARD_METRICS and ("_dim" in name or "/" in name))
+    names = [*CARD_METRICS, *extra]
     return {name: round(metrics[name], 6) for name in names if name in metrics}
 
 

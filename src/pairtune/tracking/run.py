@@ -224,15 +224,28 @@ def log_datasets(settings: PairtuneConfig) -> None:
     mlflow = _mlflow()
     folder = Path(settings.paths.prepared)
     lineage = read_lineage(folder)
+    sources = read_sources(folder)
     for split, context in (("train", "training"), ("eval", "evaluation")):
         path = folder / f"{split}.parquet"
-        if path.is_file():
-            frame = pd.read_parquet(path)
-            if lineage.get("kind") in ("hub", "save_to_disk"):
-                dataset = huggingface_dataset(frame, lineage, name=f"pairs-{split}")
+        if not path.is_file():
+            continue
+        frame = pd.read_parquet(path)
+        parts = [(f"pairs-{split}", frame, lineage)] if not sources else [
+            (f"{name}-{split}", frame[frame["source"] == name].drop(columns="source"), part.get("lineage", {}))
+            for name, part in sources.items()
+        ]
+        for name, part, origin in parts:  # several sources: one input per source, named after it
+            if origin.get("kind") in ("hub", "save_to_disk"):
+                dataset = huggingface_dataset(part, origin, name=name)
             else:
-                dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"pairs-{split}")
+                dataset = mlflow.data.from_pandas(part, source=str(path), name=name)
             log_input(mlflow, dataset, context)
+
+
+def read_sources(folder: Path) -> dict[str, Any]:
+    """``stats.json``'s sources (several sources only; empty otherwise)."""
+    stats = folder / "stats.json"
+    return json.loads(stats.read_text(encoding="utf-8")).get("sources", {}) if stats.is_file() else {}
 
 
 def log_input(mlflow, dataset, context: str) -> None:
