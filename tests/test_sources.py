@@ -167,3 +167,50 @@ def test_two_processes_draw_the_one_process_batches_and_track_each_source(prepar
     inputs = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
     assert inputs == sorted(f"{s}-{split}" for s in ("harbour", "caravan", "observatory") for split in ("train", "eval"))
     assert {f"eval_{s}/cosine_mrr_at_10" for s in ("harbour", "caravan", "observatory", "all")} <= set(run.data.metrics)
+
+
+OWN_PROMPTS = ("data.sources=[{name: harbour, source: data/raw/pairs.jsonl, train_size: 128, eval_size: 20},"
+               "{name: caravan, source: data/raw/caravan.jsonl, train_size: 64, eval_size: 20, "
+               "anchor_prompt: 'note: ', positive_prompt: 'text: '},"
+               "{name: observatory, source: data/raw/observatory.jsonl, train_size: 32, eval_size: 20, anchor_prompt: ''}]")
+RUN_PROMPTS = ["data.anchor_prompt=query: ", "data.positive_prompt=passage: "]
+
+
+def test_sources_with_prompts_of_their_own_put_them_before_their_rows_only():
+    from pairtune.data import Columns
+
+    columns = Columns.of(load_settings(compose_config([OWN_PROMPTS, *RUN_PROMPTS])).data)
+    frame = pd.DataFrame({"sentence_0": ["h", "c", "o"], "sentence_1": ["H", "C", "O"],
+                          "source": ["harbour", "caravan", "observatory"]})
+    assert columns.prompted(frame) == [["query: h", "note: c", "o"], ["passage: H", "text: C", "passage: O"]]
+    assert columns.model_prompts == {
+        "query": "query: ", "document": "passage: ", "harbour_query": "query: ", "harbour_document": "passage: ",
+        "caravan_query": "note: ", "caravan_document": "text: ", "observatory_document": "passage: ",
+    }
+    plain = Columns.of(load_settings(compose_config([SOURCES, *RUN_PROMPTS])).data)
+    assert plain.source_prompts is None and plain.model_prompts == {"query": "query: ", "document": "passage: "}
+
+
+def test_each_source_is_evaluated_with_its_own_prompts_and_the_pool_with_each_rows(prepared_sources):
+    from pairtune.data import Columns, load_prepared
+    from pairtune.evaluation import build_split_evaluator
+
+    columns = Columns.of(load_settings(compose_config([OWN_PROMPTS, *RUN_PROMPTS])).data)
+    evaluator = build_split_evaluator(load_prepared(prepared_sources)["eval"], columns, name="eval")
+    caravan, observatory = evaluator.by_source["caravan"], evaluator.by_source["observatory"]
+    assert (caravan.query_prompt, caravan.corpus_prompt) == ("note: ", "text: ")
+    assert (observatory.query_prompt, observatory.corpus_prompt) == ("", "passage: ")
+    assert (evaluator.pooled.query_prompt, evaluator.pooled.corpus_prompt) == ("", "")
+    queries = set(evaluator.pooled.queries)
+    assert any(q.startswith("note: ") for q in queries) and any(q.startswith("query: ") for q in queries)
+
+
+@pytest.mark.slow
+def test_the_model_saves_each_sources_prompts_under_its_name(make_settings, prepared_sources, tmp_path):
+    from pairtune.training import train
+
+    settings = make_settings(OWN_PROMPTS, *RUN_PROMPTS, f"paths.prepared={prepared_sources}", "train.max_steps=2",
+                             "train.epochs=1", "train.save_checkpoints=false")
+    result = train(settings)
+    saved = json.loads((result.model_dir / "config_sentence_transformers.json").read_text())["prompts"]
+    assert saved["caravan_query"] == "note: " and saved["query"] == "query: " and "observatory_query" not in saved

@@ -46,6 +46,8 @@ class SourceConfig:
     train_size: Any = 0.71  # of this source's rows (int = rows, float = fraction); the rest after eval is test
     eval_size: Any = 0.12
     weight: float = 1.0  # proportional sampling: this source's batches per epoch, times its own count
+    anchor_prompt: str | None = None  # None: data.anchor_prompt; "" for none (the model saves "<name>_query")
+    positive_prompt: str | None = None  # None: data.positive_prompt (saved as "<name>_document")
 
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name or "")), "data.sources.name",

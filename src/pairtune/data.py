@@ -40,6 +40,8 @@ class Columns:
     negative: str | None = None
     anchor_prompt: str | None = None  # the model's "query" prompt, put before every anchor
     positive_prompt: str | None = None  # its "document" prompt, before every positive and negative
+    # several sources with prompts of their own: source -> (anchor prompt, positive prompt), applied per row
+    source_prompts: tuple[tuple[str, str, str], ...] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -52,20 +54,41 @@ class Columns:
 
     @property
     def model_prompts(self) -> dict[str, str]:
-        """What the saved model's ``prompts`` gain: ``{"query": ..., "document": ...}``, the ones that are set."""
+        """What the saved model's ``prompts`` gain: ``{"query": ..., "document": ...}``, the ones that are set,
+        and with per-source prompts ``<source>_query`` / ``<source>_document``."""
         named = {"query": self.anchor_prompt, "document": self.positive_prompt}
+        for source, anchor, positive in self.source_prompts or ():
+            named |= {f"{source}_query": anchor, f"{source}_document": positive}
         return {name: text for name, text in named.items() if text}
 
+    def prompts_of(self, source: str) -> tuple[str, str]:
+        """One source's (anchor, positive) prompts."""
+        return next((a, p) for name, a, p in self.source_prompts or () if name == source)
+
     def prompted(self, frame) -> list[list[str]]:
-        """Each column's texts with its prompt in front: what the model reads."""
+        """Each column's texts with its prompt in front (per row by source, when sources have their own)."""
+        if self.source_prompts and "source" in frame:
+            by_source = {name: (a, p) for name, a, p in self.source_prompts}
+            return [[by_source[source][min(index, 1)] + text for source, text in zip(frame["source"], frame[name],
+                                                                                     strict=True)]
+                    for index, name in enumerate(self.names)]
         return [[prompt + text for text in frame[name].tolist()] for name, prompt in zip(self.names, self.prompts,
                                                                                         strict=True)]
 
+    def without_prompts(self) -> Columns:
+        return Columns(self.anchor, self.positive, self.negative)
+
     @classmethod
     def of(cls, data: DataConfig) -> Columns:
-        """The columns a ``data`` config names, with its prompts."""
+        """The columns a ``data`` config names, with its prompts (per source when any source has its own)."""
+        own = [s for s in data.sources or [] if s.anchor_prompt is not None or s.positive_prompt is not None]
+        by_source = None
+        if own:
+            by_source = tuple((s.name, s.anchor_prompt if s.anchor_prompt is not None else data.anchor_prompt or "",
+                               s.positive_prompt if s.positive_prompt is not None else data.positive_prompt or "")
+                              for s in data.sources)
         return cls(data.anchor_column, data.positive_column, data.negative_column, data.anchor_prompt,
-                   data.positive_prompt)
+                   data.positive_prompt, by_source)
 
 
 def infer_format(path: Path, fmt: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ def cap_rows(frame: pd.DataFrame, max_rows: int | None, *, seed: int) -> pd.Data
 
 
 def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32,
-                    truncate_dim: int | None = None):
+                    truncate_dim: int | None = None, prompts: tuple[str, str] | None = None):
     """An InformationRetrievalEvaluator over one split; a note with several sentences has them all relevant."""
     query_ids = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(frame[columns.anchor]))}
     doc_ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(frame[columns.positive]))}
@@ -40,6 +41,8 @@ def build_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_s
         score_functions=None,
         main_score_function="cosine",
         truncate_dim=truncate_dim,
+        query_prompt=prompts[0] if prompts else None,  # explicit: a source's own, or "" for texts already prompted
+        corpus_prompt=prompts[1] if prompts else None,
     )
 
 
@@ -95,12 +98,13 @@ class EncodeOnce:
 
 
 def build_dims_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, batch_size: int = 32,
-                         dims: tuple[int, ...] | None = None):
+                         dims: tuple[int, ...] | None = None, prompts: tuple[str, str] | None = None):
     """:func:`build_evaluator`, scoring each of ``dims`` as well when Matryoshka dims are set."""
-    full = build_evaluator(frame, columns, name=name, batch_size=batch_size)
+    full = build_evaluator(frame, columns, name=name, batch_size=batch_size, prompts=prompts)
     if not dims:
         return full
-    by_dim = {dim: build_evaluator(frame, columns, name=name, batch_size=batch_size, truncate_dim=dim) for dim in dims}
+    by_dim = {dim: build_evaluator(frame, columns, name=name, batch_size=batch_size, truncate_dim=dim, prompts=prompts)
+              for dim in dims}
     return DimsEvaluator(full, by_dim)
 
 
@@ -128,11 +132,16 @@ def build_split_evaluator(frame: pd.DataFrame, columns: Columns, *, name: str, b
     """The evaluator of one split: per source and pooled when the split has several sources, else one."""
     if SOURCE_COLUMN not in frame:
         return build_dims_evaluator(frame, columns, name=name, batch_size=batch_size, dims=dims)
+    own = columns.source_prompts is not None  # sources with prompts of their own: each scored with its own
     by_source = {
-        source: build_dims_evaluator(part.reset_index(drop=True), columns, name=name, batch_size=batch_size, dims=dims)
+        source: build_dims_evaluator(part.reset_index(drop=True), columns, name=name, batch_size=batch_size, dims=dims,
+                                     prompts=columns.prompts_of(source) if own else None)
         for source, part in frame.groupby(SOURCE_COLUMN, sort=False)
     }
-    pooled = build_dims_evaluator(frame, columns, name=name, batch_size=batch_size, dims=dims)
+    if own:  # pooled: every text with its own source's prompt in front, none added
+        frame = frame.assign(**dict(zip(columns.names, columns.prompted(frame), strict=True)))
+    pooled = build_dims_evaluator(frame, columns, name=name, batch_size=batch_size, dims=dims,
+                                  prompts=("", "") if own else None)
     return SourcesEvaluator(by_source, pooled, objective)
 
 
@@ -189,13 +198,14 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
     for label, name in (("base", settings.model.name), ("final", settings.paths.final)):
         models[label] = load_model(name, max_seq_length=settings.model.max_seq_length,
                                    trust_remote_code=settings.model.trust_remote_code)
-        report[label] = evaluate_split(models[label], splits["test"], columns, batch_size=batch, dims=dims,
+        scored_with = columns if label == "final" else columns.without_prompts()  # the base as shipped
+        report[label] = evaluate_split(models[label], splits["test"], scored_with, batch_size=batch, dims=dims,
                                        objective=settings.data.objective)
     report["test_rows"] = len(splits["test"])
     if models["final"].truncate_dim:  # export.dim: the final row is the served, truncated model
         report["final_truncate_dim"] = models["final"].truncate_dim
-    scored = evaluate_split(models["final"], promotion, Columns(columns.anchor, columns.positive), batch_size=batch,
-                            objective=settings.data.objective)
+    pair_columns = replace(columns, negative=None)  # promotion scores anchors against positives only
+    scored = evaluate_split(models["final"], promotion, pair_columns, batch_size=batch, objective=settings.data.objective)
     report["promotion"] = {"data": described, "sha256": pairs_digest(promotion, columns), **scored}
     general = general_change(settings, models)
     if general is not None:
