@@ -35,6 +35,16 @@ def compose_config(overrides: list[str] | None = None):
         return compose(config_name="config", overrides=overrides or [])
 
 
+def tracked_overrides(folder: Path, prepared: Path, experiment: str, *, steps: int) -> list[str]:
+    """A short tracked run whose every output (model, final, checkpoints, reports, ONNX, store) is under ``folder``."""
+    return [
+        f"paths.prepared={prepared}", f"paths.model={folder}/model", f"paths.final={folder}/final",
+        f"paths.checkpoints={folder}/ckpt", f"paths.reports={folder}/reports", f"paths.onnx={folder}/onnx",
+        f"data.source={BUNDLED}", "guard.enabled=false", f"train.max_steps={steps}", "train.epochs=1",
+        "train.save_checkpoints=false", f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.experiment={experiment}",
+    ]
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path):
     """Compose conf/ with outputs under tmp_path and tracking off, plus any overrides."""

@@ -12,7 +12,7 @@ import torch
 from pairtune.config import ConfigError, load_settings, to_plain_dict
 from pairtune.losses import cached_mnrl_step, mnrl_loss, ranking_loss
 
-from .conftest import BUNDLED, compose_config
+from .conftest import compose_config, tracked_overrides
 
 DIMS = [384, 128, 32]
 
@@ -112,13 +112,8 @@ def matryoshka_run(tmp_path_factory, prepared_bundled):
 
     folder = tmp_path_factory.mktemp("matryoshka")
     uri = f"sqlite:///{folder}/mlflow.db"
-    overrides = [
-        f"paths.prepared={prepared_bundled}", f"paths.model={folder}/model", f"paths.final={folder}/final",
-        f"paths.checkpoints={folder}/ckpt", f"paths.reports={folder}/reports", f"paths.onnx={folder}/onnx",
-        f"data.source={BUNDLED}", "guard.enabled=false", "train.max_steps=4", "train.epochs=1",
-        "train.save_checkpoints=false", f"tracking.uri={uri}", "tracking.experiment=matryoshka",
-        f"loss.matryoshka_dims=[{','.join(map(str, DIMS))}]", "export.dim=128",
-    ]
+    overrides = [*tracked_overrides(folder, prepared_bundled, "matryoshka", steps=4),
+                 f"loss.matryoshka_dims=[{','.join(map(str, DIMS))}]", "export.dim=128"]
     settings = load_settings(compose_config(overrides))
     with tracked_run(settings, config=to_plain_dict(settings), overrides=overrides) as observer:
         result = train(settings, observer=observer)

@@ -12,7 +12,7 @@ import pytest
 from pairtune.config import load_settings, to_plain_dict
 from pairtune.data import Columns
 
-from .conftest import BUNDLED, compose_config
+from .conftest import BUNDLED, compose_config, tracked_overrides
 
 PROMPTS = ["data.anchor_prompt=query: ", "data.positive_prompt=passage: "]
 TEXTS = ["Ada ? whr sh @ nit", "Ada wondered where the ship had gone that night.", "Bo run → riv"]
@@ -59,12 +59,7 @@ def prompted_run(tmp_path_factory, prepared_bundled):
 
     folder = tmp_path_factory.mktemp("prompts")
     uri = f"sqlite:///{folder}/mlflow.db"
-    overrides = [
-        f"paths.prepared={prepared_bundled}", f"paths.model={folder}/model", f"paths.final={folder}/final",
-        f"paths.checkpoints={folder}/ckpt", f"paths.reports={folder}/reports", f"paths.onnx={folder}/onnx",
-        f"data.source={BUNDLED}", "guard.enabled=false", "train.max_steps=3", "train.epochs=1",
-        "train.save_checkpoints=false", f"tracking.uri={uri}", "tracking.experiment=prompts", *PROMPTS,
-    ]
+    overrides = [*tracked_overrides(folder, prepared_bundled, "prompts", steps=3), *PROMPTS]
     settings = load_settings(compose_config(overrides))
     trained_on = []
     real = training.tokenize_columns
