@@ -148,12 +148,18 @@ class GlobalBatchSampler:
             self._batches = self._build()
             self._built_epoch = self.epoch
             self.builds += 1
-            kept = sum(len(batch) for batch in self._batches)
-            self._epoch_counts[self.epoch] = (len(self._batches), self.n_rows - kept)
+            self._epoch_counts[self.epoch] = (len(self._batches), self.n_rows - self._rows_kept(self._batches))
         return self._batches
 
+    def _rows_kept(self, batches: list[list[int]]) -> int:
+        """Rows of the epoch in some batch (each row is in at most one here)."""
+        return sum(len(batch) for batch in batches)
+
     def _build(self) -> list[list[int]]:
-        order = self._order()
+        return self._cut(self._order())
+
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """Rows in this order cut into global batches: consecutive, or packed without a text twice."""
         size = self.global_batch_size
         if self.text_ids is None:
             batches = [order[i : i + size] for i in range(0, len(order), size)]
@@ -305,14 +311,9 @@ class SourceBatchSampler(GlobalBatchSampler):
 
     def _source_pass(self, index: int, name: str, number: int) -> list[list[int]]:
         """One shuffled pass over one source's rows, cut into global batches (random or no-duplicates)."""
-        rows, size = self.rows_of[name], self.global_batch_size
+        rows = self.rows_of[name]
         seed = self.seed + self.epoch + 1_000_003 * (index + 1) + 7_919 * number
-        order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).numpy()].tolist()
-        if self.text_ids is None:
-            cut = [order[i : i + size] for i in range(0, len(order), size)]
-        else:
-            cut = _NoDuplicatePacker(self.text_ids, size).pack(order)
-        return [b for b in cut if len(b) >= self.world_size and not (self.drop_last and len(b) < size)]
+        return self._cut(rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).numpy()].tolist())
 
     def _build(self) -> list[list[int]]:
         per_source = {}
@@ -333,11 +334,9 @@ class SourceBatchSampler(GlobalBatchSampler):
         self.batch_sources = [name for name, _ in labelled]
         return [batch for _, batch in labelled]
 
-    def _epoch_batches(self) -> list[list[int]]:
-        batches = super()._epoch_batches()
-        kept = len({row for batch in batches for row in batch})
-        self._epoch_counts[self.epoch] = (len(batches), self.n_rows - kept)
-        return batches
+    def _rows_kept(self, batches: list[list[int]]) -> int:
+        """Distinct rows: a weight over 1 takes a source's rows more than once."""
+        return len({row for batch in batches for row in batch})
 
     @property
     def rows_left_out(self) -> int:
