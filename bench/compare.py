@@ -159,9 +159,9 @@ def run_job(bench: Bench, label: str, argv: list[str], index: int) -> Job:
 
 def test_scores(model_dir: Path, prepared: Path) -> dict[str, float]:
     """The test split's NDCG@10 and MRR@10 of a saved model, as the evaluate stage computes them."""
-    from pairtune.data import Columns
-    from pairtune.evaluation import evaluate_split
-    from pairtune.modeling import load_model
+    from pairtune.data.pairs import Columns
+    from pairtune.model.modeling import load_model
+    from pairtune.outputs.evaluation import evaluate_split
 
     model = load_model(str(model_dir), max_seq_length=benchkit.MAX_SEQ_LENGTH)
     frame = pd.read_parquet(prepared / "test.parquet")
@@ -193,7 +193,7 @@ def job_argv(bench: Bench, script: str, *extra: str, epochs: int, precision: str
         *extra,
     ]
     if script == "run_trainer.py":
-        from pairtune.model_source import resolve_model_source
+        from pairtune.model.model_source import resolve_model_source
 
         argv += ["--model", resolve_model_source(benchkit.MODEL_ID)[0]]
     return argv
@@ -514,7 +514,7 @@ def header(bench: Bench, threads: int) -> None:
 def measure_cost(prepared: Path) -> tuple[flops.PairCost, int]:
     import torch
 
-    from pairtune.modeling import load_model
+    from pairtune.model.modeling import load_model
 
     model = load_model(benchkit.MODEL_ID, max_seq_length=benchkit.MAX_SEQ_LENGTH)
     train = pd.read_parquet(prepared / "train.parquet")
@@ -527,7 +527,7 @@ def main() -> int:
     args = parse_args()
     benchkit.setup_logging()
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as folder:
-        from pairtune.preparation import run_prepare
+        from pairtune.data.preparation import run_prepare
 
         work = Path(folder)
         prepared = work / "prepared"

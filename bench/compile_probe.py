@@ -1,7 +1,7 @@
 """torch.compile on pairtune's unpadded training module: is it faster, and does it learn the same?
 
 Each variant runs in a fresh process with its own empty Inductor cache (a cold compile, as a user's first
-run has it): pairtune's own setup (``pairtune.training.setup_training``, the unpadded encoder of
+run has it): pairtune's own setup (``pairtune.train.training.setup_training``, the unpadded encoder of
 ``encoder_for_training``), then ``--steps`` optimizer steps through the loop's own functions on the same
 batches. The compiled variants wrap that module in ``torch.compile(dynamic=True)``: the packed token count
 and the padded length change with every batch. Printed: the first step (compiling included), the median
@@ -39,8 +39,8 @@ def child(prepared: Path, steps: int, compiled: bool, overrides: list[str]) -> d
     """Set up as the loop does, optionally compile, then time each optimizer step."""
     import torch
 
-    from pairtune import training
-    from pairtune.data import load_prepared
+    from pairtune.data.pairs import load_prepared
+    from pairtune.train import training
 
     settings = benchkit.compose_settings([f"paths.prepared={prepared}", "tracking.enabled=false", "guard.enabled=false",
                                           *overrides])

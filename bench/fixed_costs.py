@@ -30,7 +30,7 @@ IMPORTS = [
     ("datasets (the trainer's data)", "import datasets"),
     ("mlflow (tracking on only)", "import mlflow"),
     ("hydra + omegaconf (pairtune's config)", "import hydra, omegaconf"),
-    ("pairtune.training (the whole train stack)", "import pairtune.training"),
+    ("pairtune.train.training (the whole train stack)", "import pairtune.train.training"),
 ]
 
 
@@ -70,9 +70,9 @@ def first_and_again(fn, repeats: int) -> list[float]:
 
 
 def card_kwargs(model, train) -> dict:
-    """What pairtune.card.write_model_card needs, for a made-up 90-step run with 11 evaluations."""
+    """What pairtune.outputs.card.write_model_card needs, for a made-up 90-step run with 11 evaluations."""
     from pairtune.core import CARD_METRICS, EpochRow, TrainResult
-    from pairtune.data import Columns
+    from pairtune.data.pairs import Columns
 
     settings = benchkit.compose_settings([])
     rows = [
@@ -94,8 +94,8 @@ def measure_pieces(prepared: Path, store: str | None, repeats: int) -> dict[str,
     import pandas as pd
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.card import write_model_card
-    from pairtune.model_source import resolve_model_source
+    from pairtune.model.model_source import resolve_model_source
+    from pairtune.outputs.card import write_model_card
 
     source = resolve_model_source(benchkit.MODEL_ID)[0]
     out = {

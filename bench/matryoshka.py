@@ -63,8 +63,8 @@ def score(model_dir: str, prepared: Path, dims: list[int]) -> dict[int, dict[str
     """Test-split MRR@10 and NDCG@10 at each dim, as the evaluate stage scores them."""
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.data import Columns, load_prepared
-    from pairtune.evaluation import evaluate_split
+    from pairtune.data.pairs import Columns, load_prepared
+    from pairtune.outputs.evaluation import evaluate_split
 
     model = SentenceTransformer(model_dir, device="cpu")
     metrics = evaluate_split(model, load_prepared(prepared)["test"], Columns(), batch_size=32, dims=dims)
@@ -99,8 +99,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one thread each)")
     parser.add_argument("--json", type=Path, help="also write every result here")
     args = parser.parse_args()
-    from pairtune.data import load_prepared
-    from pairtune.model_source import resolve_model_source
+    from pairtune.data.pairs import load_prepared
+    from pairtune.model.model_source import resolve_model_source
 
     with tempfile.TemporaryDirectory(prefix="pairtune-matryoshka-") as scratch:
         work = Path(scratch)

@@ -92,8 +92,8 @@ def score(model_dir: Path, prepared: Path, prefix: str = "") -> dict:
     """MRR@10 and NDCG@10 of a saved model on eval and on test, as the pipeline's evaluator computes them."""
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.data import Columns, load_prepared
-    from pairtune.evaluation import build_evaluator, run_evaluator
+    from pairtune.data.pairs import Columns, load_prepared
+    from pairtune.outputs.evaluation import build_evaluator, run_evaluator
 
     model, splits = SentenceTransformer(str(model_dir), device="cpu"), load_prepared(prepared)
     scores: dict = {"rows": "/".join(str(len(splits[s])) for s in ("train", "eval", "test"))}
@@ -106,7 +106,7 @@ def score(model_dir: Path, prepared: Path, prefix: str = "") -> dict:
 
 def base_scores(work: Path, data_set: str) -> dict:
     """The base model's test and eval MRR@10 on one set: where every task gain is measured from."""
-    from pairtune.model_source import resolve_model_source
+    from pairtune.model.model_source import resolve_model_source
 
     return score(Path(resolve_model_source(benchkit.MODEL_ID)[0]), work / data_set / "prepared")
 

@@ -2,10 +2,10 @@
 
 Written as a trainer user writes it, and importing nothing of pairtune or Hydra (they are not the trainer's
 costs): read the prepared splits, load the base model, train with an InformationRetrievalEvaluator on the
-eval split (built as ``pairtune.evaluation.build_evaluator`` builds it) run before training and after every
+eval split (built as ``pairtune.outputs.evaluation.build_evaluator`` builds it) run before training and after every
 epoch, then ``model.save``. It writes its timings to ``--out``; the bench times the process from outside.
 
-``step_seconds`` sums what pairtune's loop timer sums (``UpdateWindow`` in src/pairtune/training.py): from
+``step_seconds`` sums what pairtune's loop timer sums (``UpdateWindow`` in src/pairtune/train/training.py): from
 fetching the first micro-batch of an update (for the trainer: its DataLoader, which also tokenises) to the
 end of the optimizer step, logging, evaluation and saving left out. ``on_step_begin`` fires only after the
 trainer has fetched the batches, so the callback's start mark is set by a one-line ``get_batch_samples``
@@ -87,7 +87,7 @@ class TimedTrainer(SentenceTransformerTrainer):
 
 
 def build_ir_evaluator(frame: pd.DataFrame, *, name: str = "eval", batch_size: int = benchkit.BATCH_SIZE):
-    """The evaluator ``pairtune.evaluation.build_evaluator`` builds (tests/test_bench.py checks they agree)."""
+    """The evaluator ``pairtune.outputs.evaluation.build_evaluator`` builds (tests/test_bench.py checks they agree)."""
     anchor, positive = benchkit.COLUMNS
     query_ids = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(frame[anchor]))}
     doc_ids = {text: f"d{i}" for i, text in enumerate(dict.fromkeys(frame[positive]))}

@@ -4,7 +4,7 @@ Prints, for synthetic pairs in the notation (bench/synth.py):
   1. prepare on 1,000,000 pairs: wall seconds and peak RSS (targets: <= 60 s, <= 2 GB);
   2. for ~10k and ~1M training pairs (each run a fresh process, sizes alternating, medians): reading the
      prepared splits, tokenising the train split, building an epoch of batches (random, and no_duplicates
-     with its text ids), then ``pairtune.training.train`` itself: time to the first step (everything a run
+     with its text ids), then ``pairtune.train.training.train`` itself: time to the first step (everything a run
      does before it: reading, model load, tokenising, sampler, optimizer) and steps/s after the first step
      (target: 1M within 10 % of 10k);
   3. peak RSS of cached MNRL at global batch 1024 / mini-batch 32 against plain MNRL at batch 32
@@ -74,7 +74,7 @@ import json, sys
 from hydra import compose, initialize_config_dir
 from pairtune.entrypoint import quiet_third_party
 from pairtune.config import load_settings
-from pairtune.training import train
+from pairtune.train.training import train
 quiet_third_party()
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[2:])
@@ -129,10 +129,10 @@ def measure_phases(prepared: Path, work: Path, steps: int) -> dict[str, float]:
 
 def grown_parts(prepared: Path) -> dict[str, float]:
     """Reading, tokenising and an epoch of batches (both samplers), each timed alone."""
-    from pairtune.batching import tokenize_columns
-    from pairtune.data import load_prepared
-    from pairtune.modeling import load_model
-    from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+    from pairtune.data.batching import tokenize_columns
+    from pairtune.data.pairs import load_prepared
+    from pairtune.data.sampling import GlobalBatchSampler, text_ids_from_columns
+    from pairtune.model.modeling import load_model
 
     took: dict[str, float] = {}
     frame = timed(took, "read", lambda: load_prepared(prepared))["train"]
@@ -169,7 +169,7 @@ def train_timings(prepared: Path, work: Path, steps: int) -> dict[str, float]:
     import benchkit
 
     from pairtune.core import NullObserver
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     class StepClock(NullObserver):
         def __init__(self) -> None:
@@ -291,7 +291,7 @@ def sampler_build_seconds(rows: int) -> dict[str, float]:
         sys.path.insert(0, str(ROOT / "bench"))
     from synth import generate
 
-    from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+    from pairtune.data.sampling import GlobalBatchSampler, text_ids_from_columns
 
     frame = generate(rows)
     started = time.perf_counter()

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pairtune.model_source import resolve_model_source
+from pairtune.model.model_source import resolve_model_source
 
 ROOT = benchkit.ROOT
 SIZES = {"harbour": ("data/raw/pairs.jsonl", 263, 45), "caravan": ("data/raw/caravan.jsonl", 120, 42),
@@ -59,8 +59,8 @@ def test_scores(model_dir: Path, prepared: Path) -> dict[str, dict[str, float]]:
     import pandas as pd
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.data import Columns
-    from pairtune.evaluation import evaluate_split
+    from pairtune.data.pairs import Columns
+    from pairtune.outputs.evaluation import evaluate_split
 
     model = SentenceTransformer(str(model_dir), device="cpu")
     test = pd.read_parquet(prepared / "test.parquet")

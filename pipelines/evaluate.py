@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     settings = isolate_outputs(load_settings(cfg), "reports")
     numerics.apply(settings)  # reproducible: starts this process again with every kernel choice pinned
     check_inputs(settings, "model.name", "paths.final", "paths.prepared", "promotion.source")
-    from pairtune.evaluation import run_evaluate
+    from pairtune.outputs.evaluation import run_evaluate
 
     with stage_run(settings, stage="evaluate") as reporter:
         report = run_evaluate(settings)

@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     settings = isolate_outputs(load_settings(cfg), "onnx", "reports")
     numerics.apply(settings)  # reproducible: starts this process again with every kernel choice pinned
     check_inputs(settings, "paths.final", "paths.prepared")
-    from pairtune.export import flat_export_metrics, run_export
+    from pairtune.outputs.export import flat_export_metrics, run_export
 
     with stage_run(settings, stage="export") as reporter:
         report = run_export(settings)

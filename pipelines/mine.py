@@ -7,8 +7,8 @@ from omegaconf import DictConfig
 
 from pairtune import numerics
 from pairtune.config import load_settings
+from pairtune.data.mining import run_mine
 from pairtune.entrypoint import check_inputs, exit_on_user_error, quiet_third_party
-from pairtune.mining import run_mine
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

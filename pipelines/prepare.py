@@ -6,8 +6,8 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune.config import load_settings
+from pairtune.data.preparation import run_prepare
 from pairtune.entrypoint import exit_on_user_error, quiet_third_party
-from pairtune.preparation import run_prepare
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -9,8 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 from pairtune import numerics
-from pairtune.checkpoint import Checkpoint
 from pairtune.config import load_settings, settle_batch_sampler, to_plain_dict
+from pairtune.data.mining import apply_mined_negatives
 from pairtune.entrypoint import (
     check_inputs,
     exit_on_user_error,
@@ -19,10 +19,10 @@ from pairtune.entrypoint import (
     quiet_third_party,
     resume_hint,
 )
-from pairtune.mining import apply_mined_negatives
-from pairtune.progress import with_progress
-from pairtune.signals import TrainingInterrupted, graceful_stop
 from pairtune.tracking import hydra_overrides, is_main_process, sweep_parent_run_id, tracked_run
+from pairtune.train.checkpoint import Checkpoint
+from pairtune.train.progress import with_progress
+from pairtune.train.signals import TrainingInterrupted, graceful_stop
 
 log = logging.getLogger("pairtune.train")
 
@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> float:
     settle_batch_sampler(settings)  # a negative column trains with no_duplicates batches
     checkpoint = Checkpoint.for_run(settings, world_size=launched_world_size())
     resume_run = checkpoint.resumable_run_id(settings.train.resume)
-    from pairtune.reports import write_guard_report, write_training_plots
-    from pairtune.training import train  # torch and friends: only once every quick check has passed
+    from pairtune.outputs.reports import write_guard_report, write_training_plots
+    from pairtune.train.training import train  # torch and friends: only once every quick check has passed
 
     try:
         with graceful_stop(), tracked_run(

@@ -22,7 +22,7 @@ def run(precision: str, folder: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from pairtune.config import load_settings
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
@@ -39,7 +39,7 @@ def main(tolerance: float = 0.05) -> int:
     from hydra import compose, initialize_config_dir
 
     from pairtune.config import load_settings
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     assert torch.cuda.is_available(), "no CUDA device"
     folder = Path(tempfile.mkdtemp(prefix="pairtune-gpu-"))

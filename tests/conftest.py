@@ -69,7 +69,7 @@ def make_settings(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def base_model_session():
-    from pairtune.modeling import load_model
+    from pairtune.model.modeling import load_model
 
     return load_model("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=256)
 
@@ -82,7 +82,7 @@ def base_model(base_model_session):
 @pytest.fixture(scope="session")
 def prepared_bundled(tmp_path_factory) -> Path:
     """The bundled data prepared once per session with the default split."""
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     folder = tmp_path_factory.mktemp("bundled") / "prepared"
     settings = load_settings(compose_config([f"paths.prepared={folder}", f"data.source={BUNDLED}"]))

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from pairtune.batching import tokenize_columns
-from pairtune.losses import mnrl_loss, mnrl_scores
-from pairtune.modeling import load_model
+from pairtune.data.batching import tokenize_columns
+from pairtune.model.losses import mnrl_loss, mnrl_scores
+from pairtune.model.modeling import load_model
 
 
 def main(out: str, gather: bool, hard_negatives: bool) -> None:
@@ -51,7 +51,7 @@ def count_allreduces(out: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from pairtune.config import LossConfig
-    from pairtune.training import compute_loss_and_backward, encoder_for_training
+    from pairtune.train.training import compute_loss_and_backward, encoder_for_training
 
     accelerator = Accelerator(cpu=True)
     frame = pd.read_json("data/raw/pairs.jsonl", lines=True).head(32)

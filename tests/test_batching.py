@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pairtune.batching import TokenColumn, tokenize_columns
+from pairtune.data.batching import TokenColumn, tokenize_columns
 
 
 def test_the_rust_path_gives_the_transformers_call_s_ids_in_chunks_and_truncated(base_model, prepared_bundled):

@@ -98,8 +98,8 @@ def test_the_trainer_gets_the_evaluator_pairtune_builds(prepared_bundled):
     import pandas as pd
     from run_trainer import build_ir_evaluator
 
-    from pairtune.data import Columns
-    from pairtune.evaluation import build_evaluator
+    from pairtune.data.pairs import Columns
+    from pairtune.outputs.evaluation import build_evaluator
 
     frame = pd.read_parquet(prepared_bundled / "eval.parquet")
     ours, theirs = (

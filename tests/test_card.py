@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pairtune.card import card_context, render_model_card, write_model_card
 from pairtune.core import CARD_METRICS, EpochRow, TrainResult
-from pairtune.data import Columns
+from pairtune.data.pairs import Columns
+from pairtune.outputs.card import card_context, render_model_card, write_model_card
 
 from .conftest import ROOT
 
@@ -157,6 +157,6 @@ def test_write_model_card_replaces_the_card_whole(base_model, make_settings, tra
 
 
 def test_card_module_stays_off_the_heavy_stack():
-    code = "import sys, pairtune.card; print(sorted({'torch', 'sentence_transformers'} & set(sys.modules)))"
+    code = "import sys, pairtune.outputs.card; print(sorted({'torch', 'sentence_transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pairtune.checkpoint import (
+from pairtune.config import PairtuneConfig
+from pairtune.core import ResumeMismatchError
+from pairtune.train.checkpoint import (
     DOES_NOT_SHAPE_THE_RUN,
     SHAPES_THE_RUN,
     STATE_FILE,
@@ -16,8 +18,6 @@ from pairtune.checkpoint import (
     fingerprint_diff,
     run_fingerprint,
 )
-from pairtune.config import PairtuneConfig
-from pairtune.core import ResumeMismatchError
 
 
 class FakeAccelerator:
@@ -136,7 +136,7 @@ def test_every_schema_key_is_classified_once_as_shaping_the_run_or_not():
     keys = schema_keys()
     assert len(keys) > 60
     unclassified = [k for k in keys if k not in SHAPES_THE_RUN and k not in DOES_NOT_SHAPE_THE_RUN]
-    assert unclassified == [], "add each new key to SHAPES_THE_RUN or DOES_NOT_SHAPE_THE_RUN in pairtune.checkpoint"
+    assert unclassified == [], "add each new key to SHAPES_THE_RUN or DOES_NOT_SHAPE_THE_RUN in pairtune.train.checkpoint"
     assert set(SHAPES_THE_RUN) & set(DOES_NOT_SHAPE_THE_RUN) == set()
     assert sorted(set(SHAPES_THE_RUN) | set(DOES_NOT_SHAPE_THE_RUN)) == sorted(keys)  # no stale names
     assert len(SHAPES_THE_RUN) == len(set(SHAPES_THE_RUN)) and len(DOES_NOT_SHAPE_THE_RUN) == len(set(DOES_NOT_SHAPE_THE_RUN))
@@ -163,8 +163,8 @@ def test_a_resume_that_changes_how_the_run_learns_is_refused(make_settings, prep
 @pytest.mark.slow
 def test_every_checkpoint_of_a_real_run_holds_the_resume_invariants(make_settings, prepared_bundled, tmp_path):
     """Checkpoints at update boundaries only, batches_done counts local batches, one loss per step."""
-    import pairtune.checkpoint as checkpoint_module
-    from pairtune.training import train
+    import pairtune.train.checkpoint as checkpoint_module
+    from pairtune.train.training import train
 
     # Given 263 rows in batches of 64 (5 batches an epoch) and 2 batches per update: 3 steps an epoch,
     # the last of a single batch; a checkpoint after every step, and every one kept

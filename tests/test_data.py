@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pairtune.config import DataConfig
-from pairtune.data import (
+from pairtune.data.pairs import (
     Columns,
     PairDataError,
     PairSource,
@@ -192,7 +192,7 @@ def test_prepare_cli_refuses_bad_input_and_leaves_prepared_untouched(tmp_path):
 
 
 def test_fewer_training_pairs_than_one_batch_is_refused(make_settings, tmp_path):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     source = write_jsonl(tmp_path / "few.jsonl", pairs(40))
     settings = make_settings(f"data.source={source}", "data.train_size=20", "data.eval_size=10")
@@ -202,7 +202,7 @@ def test_fewer_training_pairs_than_one_batch_is_refused(make_settings, tmp_path)
 
 
 def test_texts_over_max_seq_length_are_counted_with_a_warning(make_settings, tmp_path, caplog):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     rows = pairs(60)
     rows[0]["sentence_1"] = "word " * 40

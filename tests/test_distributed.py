@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pairtune.batching import tokenize_columns
-from pairtune.losses import mnrl_loss, mnrl_scores
-from pairtune.modeling import load_model
+from pairtune.data.batching import tokenize_columns
+from pairtune.model.losses import mnrl_loss, mnrl_scores
+from pairtune.model.modeling import load_model
 
 from .conftest import ROOT, free_port
 

@@ -170,7 +170,7 @@ def test_a_pushed_pipeline_is_pulled_by_a_fresh_clone_without_training(repo):
 
 @pytest.mark.slow
 def test_touching_code_only_train_runs_reruns_train_not_prepare(repo):
-    unpad = repo / "src/pairtune/unpad.py"
+    unpad = repo / "src/pairtune/model/unpad.py"
     original = unpad.read_text()
     unpad.write_text(original + "\n# a comment: the code changed, what it computes did not\n")
     try:

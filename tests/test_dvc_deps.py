@@ -69,13 +69,13 @@ def test_every_stage_depends_on_all_the_code_it_runs():
 
 def test_the_card_template_is_a_dep_of_train():
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert covered(Path("src/pairtune/templates/model_card.md.j2"), deps)
+    assert covered(Path("src/pairtune/outputs/templates/model_card.md.j2"), deps)
 
 
 def test_the_closure_finds_lazy_imports_and_packages():
     train = import_closure("pipelines/train.py")
-    assert Path("src/pairtune/unpad.py") in train  # imported by training.py
-    assert Path("src/pairtune/card.py") in train  # imported inside a function
+    assert Path("src/pairtune/model/unpad.py") in train  # imported by training.py
+    assert Path("src/pairtune/outputs/card.py") in train  # imported inside a function
     assert Path("src/pairtune/tracking/__init__.py") in train and Path("src/pairtune/tracking/run.py") in train
     prepare = import_closure("pipelines/prepare.py")
-    assert Path("src/pairtune/training.py") not in prepare and Path("src/pairtune/unpad.py") not in prepare
+    assert Path("src/pairtune/train/training.py") not in prepare and Path("src/pairtune/model/unpad.py") not in prepare

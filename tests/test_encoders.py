@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pairtune.config import load_settings, to_plain_dict
-from pairtune.signals import TrainingInterrupted, graceful_stop
+from pairtune.train.signals import TrainingInterrupted, graceful_stop
 
 from .conftest import BUNDLED, compose_config
 from .test_resume_edges import SigtermAt
@@ -32,10 +32,10 @@ def settings_for(model_dir, prepared, out, *extra):
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def encoder_run(request, tmp_path_factory, prepared_bundled):
     """One tracked, evaluated and exported run of a tiny ``architecture``, and the same run stopped and resumed."""
-    from pairtune.evaluation import run_evaluate
-    from pairtune.export import run_export
+    from pairtune.outputs.evaluation import run_evaluate
+    from pairtune.outputs.export import run_export
     from pairtune.tracking import tracked_run
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     folder = tmp_path_factory.mktemp(request.param)
     model_dir = build(request.param, folder / "base")
@@ -86,7 +86,7 @@ def test_a_stopped_run_resumes_to_the_same_model(encoder_run):
 def test_it_exports_to_onnx_with_parity_and_serves_the_same_vectors(encoder_run):
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.onnx_encoder import OnnxEncoder
+    from pairtune.outputs.onnx_encoder import OnnxEncoder
 
     settings, exported, run = encoder_run["settings"], encoder_run["exported"], encoder_run["run"]
     assert exported["cosine"]["fp32"]["min"] >= 0.9999 and all(exported["passed"].values())
@@ -102,16 +102,16 @@ def test_it_exports_to_onnx_with_parity_and_serves_the_same_vectors(encoder_run)
 
 @pytest.mark.slow
 def test_a_model_without_a_pooling_config_gets_mean_pooling_and_one_notice(encoder_run, caplog):
-    from pairtune.modeling import load_model
+    from pairtune.model.modeling import load_model
 
-    with caplog.at_level(logging.WARNING, logger="pairtune.modeling"):
+    with caplog.at_level(logging.WARNING, logger="pairtune.model.modeling"):
         model = load_model(str(encoder_run["base"]), max_seq_length=128)
     notices = [r.getMessage() for r in caplog.records if "modules.json" in r.getMessage()]
     assert notices == [f"model {encoder_run['base']}: no sentence-transformers modules.json, so mean pooling over "
                        "its tokens"]
     assert model[1].get_config_dict()["pooling_mode"] == "mean"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pairtune.modeling"):
+    with caplog.at_level(logging.WARNING, logger="pairtune.model.modeling"):
         load_model(str(encoder_run["settings"].paths.final), max_seq_length=128)  # saved by pairtune: it has one
     assert not [r for r in caplog.records if "modules.json" in r.getMessage()]
 
@@ -119,7 +119,7 @@ def test_a_model_without_a_pooling_config_gets_mean_pooling_and_one_notice(encod
 @pytest.mark.slow
 def test_unpad_true_on_an_encoder_without_an_unpadded_forward_names_the_key(encoder_run, prepared_bundled, tmp_path):
     from pairtune.config import ConfigError
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     settings = settings_for(encoder_run["base"], prepared_bundled, tmp_path, "model.unpad=true")
     with pytest.raises(ConfigError, match="config key 'model.unpad': .* has no unpadded forward"):

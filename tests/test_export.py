@@ -12,8 +12,8 @@ import onnx
 import pytest
 import torch
 
-from pairtune.export import SmoothedLinear, apply_smoothing, export_onnx, measure_parity
-from pairtune.onnx_encoder import OnnxEncoder, variant_path
+from pairtune.outputs.export import SmoothedLinear, apply_smoothing, export_onnx, measure_parity
+from pairtune.outputs.onnx_encoder import OnnxEncoder, variant_path
 
 SHORTHAND = [
     "Ada ? whr sh @ 3 hou",
@@ -193,7 +193,7 @@ def test_unknown_variant_is_refused(tmp_path):
 
 def test_onnx_encoder_imports_without_torch():
     code = (
-        "import sys, pairtune.onnx_encoder; "
+        "import sys, pairtune.outputs.onnx_encoder; "
         "loaded = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]; "
         "assert not loaded, loaded"
     )

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pairtune.guard import GeneralScorer, GeneralSet, blend, choose_blend, load_general_set, weights_digest
+from pairtune.train.guard import (
+    GeneralScorer,
+    GeneralSet,
+    blend,
+    choose_blend,
+    load_general_set,
+    weights_digest,
+)
 
 from .conftest import ROOT
 
@@ -116,7 +123,7 @@ def test_a_run_that_loses_general_retrieval_ships_a_blend_within_the_margin_and_
     from sentence_transformers import SentenceTransformer
 
     from pairtune.tracking.registry import CHAMPION, Candidate, log_model, promote
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     # Given a learning rate far above the card's, which trades general retrieval for the task
     settings = make_settings(f"paths.prepared={prepared_bundled}", "train.epochs=2", "train.lr=1e-3", "guard.enabled=true",
@@ -164,8 +171,8 @@ def toy_pairs(path: Path, rows: int) -> Path:
 @pytest.mark.slow
 def test_a_too_easy_task_and_a_run_without_gain_are_said_once_with_the_in_batch_signals(make_settings, tmp_path):
     from pairtune.core import NullObserver
-    from pairtune.preparation import run_prepare
-    from pairtune.training import train
+    from pairtune.data.preparation import run_prepare
+    from pairtune.train.training import train
 
     class Steps(NullObserver):
         def __init__(self) -> None:

@@ -47,9 +47,11 @@ def test_a_config_error_answers_before_any_heavy_import(tmp_path):
 
 
 def test_the_light_core_imports_nothing_heavy(tmp_path):
-    light = ["pairtune.core", "pairtune.config", "pairtune.entrypoint", "pairtune.files", "pairtune.memory", "pairtune.checkpoint",
-             "pairtune.preparation", "pairtune.card", "pairtune.reports", "pairtune.tracking", "pairtune.tracking.sweep",
-             "pairtune.cli"]
+    light = ["pairtune.core", "pairtune.config", "pairtune.entrypoint", "pairtune.files", "pairtune.numerics",
+             "pairtune.cli", "pairtune.data.pairs", "pairtune.data.sources", "pairtune.data.tokens",
+             "pairtune.data.preparation", "pairtune.model.model_source", "pairtune.train.memory",
+             "pairtune.train.checkpoint", "pairtune.train.signals", "pairtune.train.progress", "pairtune.outputs.card",
+             "pairtune.outputs.reports", "pairtune.tracking", "pairtune.tracking.sweep", "pairtune.tracking.runs"]
     done = run_importtime("-c", "import " + ", ".join(light), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not imported_modules(done.stderr) & set(HEAVY), sorted(imported_modules(done.stderr) & set(HEAVY))
@@ -80,3 +82,15 @@ def test_no_function_in_src_is_longer_than_the_limit(limit):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > limit
     ]
     assert not long, long
+
+
+SHARED = {"__init__.py", "core.py", "config.py", "entrypoint.py", "numerics.py", "files.py", "cli.py"}
+CONCERNS = {"data", "model", "train", "outputs", "tracking"}
+
+
+def test_the_package_is_grouped_by_concern():
+    """Only the modules every layer shares sit at the top; everything else lives in its concern's folder."""
+    top = {path.name for path in SRC.glob("*.py")}
+    folders = {path.name for path in SRC.iterdir() if path.is_dir() and (path / "__init__.py").is_file()}
+    assert top == SHARED, f"move {sorted(top - SHARED)} into one of {sorted(CONCERNS)}"
+    assert folders == CONCERNS, sorted(folders ^ CONCERNS)

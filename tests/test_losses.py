@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pairtune.batching import tokenize_columns
-from pairtune.losses import cached_mnrl_step, gather_with_grad, mnrl_loss, mnrl_scores
+from pairtune.data.batching import tokenize_columns
+from pairtune.model.losses import cached_mnrl_step, gather_with_grad, mnrl_loss, mnrl_scores
 
 
 def test_mnrl_matches_a_hand_computation():

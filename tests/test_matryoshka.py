@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pairtune.config import ConfigError, load_settings, to_plain_dict
-from pairtune.losses import cached_mnrl_step, mnrl_loss, ranking_loss
+from pairtune.model.losses import cached_mnrl_step, mnrl_loss, ranking_loss
 
 from .conftest import compose_config, tracked_overrides
 
@@ -64,7 +64,7 @@ def test_bad_matryoshka_settings_name_their_key(overrides, key):
 
 @pytest.mark.slow
 def test_dims_wider_than_the_model_stop_with_the_key(base_model_session):
-    from pairtune.training import check_dims
+    from pairtune.train.training import check_dims
 
     settings = load_settings(compose_config(["loss.matryoshka_dims=[512,128]"]))
     with pytest.raises(ConfigError, match="config key 'loss.matryoshka_dims': 512 is more than .* 384 dims"):
@@ -76,7 +76,7 @@ def test_dims_wider_than_the_model_stop_with_the_key(base_model_session):
 
 @pytest.mark.slow
 def test_cached_matryoshka_equals_plain_matryoshka_in_loss_and_gradients(base_model):
-    from pairtune.batching import tokenize_columns
+    from pairtune.data.batching import tokenize_columns
 
     notes = [f"Ada see sh @ {h} hou" for h in range(8)]
     sentences = [f"Ada saw the ship at hour {h}, long after the others slept." for h in range(8)]
@@ -105,10 +105,10 @@ def test_cached_matryoshka_equals_plain_matryoshka_in_loss_and_gradients(base_mo
 
 @pytest.fixture(scope="module")
 def matryoshka_run(tmp_path_factory, prepared_bundled):
-    from pairtune.evaluation import run_evaluate
-    from pairtune.export import run_export
+    from pairtune.outputs.evaluation import run_evaluate
+    from pairtune.outputs.export import run_export
     from pairtune.tracking import tracked_run
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     folder = tmp_path_factory.mktemp("matryoshka")
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -164,7 +164,7 @@ def test_the_test_split_is_scored_at_each_dim_and_the_final_model_as_it_serves(m
 def test_the_saved_onnx_and_served_models_all_give_the_same_128_dims(matryoshka_run):
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.onnx_encoder import OnnxEncoder
+    from pairtune.outputs.onnx_encoder import OnnxEncoder
 
     settings, result, _, exported, run, folder = matryoshka_run
     texts = ["Ada ? whr sh @ nit", "Ada wondered where the ship had gone that night.", "Bo run → riv"]
@@ -183,7 +183,7 @@ def test_the_saved_onnx_and_served_models_all_give_the_same_128_dims(matryoshka_
 
 @pytest.mark.slow
 def test_an_export_dim_the_final_model_was_not_saved_with_is_refused(matryoshka_run):
-    from pairtune.export import run_export
+    from pairtune.outputs.export import run_export
 
     settings, *_ = matryoshka_run
     settings.export.dim = 64
@@ -196,8 +196,8 @@ def test_an_export_dim_the_final_model_was_not_saved_with_is_refused(matryoshka_
 
 @pytest.mark.slow
 def test_the_dims_evaluator_encodes_each_text_once_and_scores_as_encoding_at_each_dim(base_model, prepared_bundled):
-    from pairtune.data import Columns, load_prepared
-    from pairtune.evaluation import build_dims_evaluator, build_evaluator, run_evaluator
+    from pairtune.data.pairs import Columns, load_prepared
+    from pairtune.outputs.evaluation import build_dims_evaluator, build_evaluator, run_evaluator
 
     frame, columns = load_prepared(prepared_bundled)["eval"], Columns()
     calls = {"encode_query": 0, "encode_document": 0}

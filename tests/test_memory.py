@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 
-from pairtune.memory import reuse_freed_memory
+from pairtune.train.memory import reuse_freed_memory
 
 # A step's pattern: about 150 MB of activations alive at once, all freed at the end, again and again.
 PROBE = textwrap.dedent(
     """
     import ctypes, resource
     import torch
-    from pairtune.memory import reuse_freed_memory
+    from pairtune.train.memory import reuse_freed_memory
 
     def step():
         held = [torch.zeros(mb * 262144) for mb in (6, 8, 7, 5) * 6]

@@ -10,8 +10,14 @@ import pandas as pd
 import pytest
 
 from pairtune.config import ConfigError, MiningConfig, load_settings
-from pairtune.data import SPLITS, Columns, PairDataError
-from pairtune.mining import MINING_FILE, apply_mined_negatives, attach_negatives, model_fingerprint, run_mine
+from pairtune.data.mining import (
+    MINING_FILE,
+    apply_mined_negatives,
+    attach_negatives,
+    model_fingerprint,
+    run_mine,
+)
+from pairtune.data.pairs import SPLITS, Columns, PairDataError
 
 from .conftest import compose_config
 from .test_house import HEAVY, imported_modules, run_importtime
@@ -240,8 +246,8 @@ def texts_twice(frame: pd.DataFrame, rows: list[int], columns: list[str]) -> int
 
 @pytest.mark.slow
 def test_a_run_with_mined_negatives_never_puts_a_text_in_a_batch_twice(mined_bundled, tmp_path, monkeypatch, caplog):
-    from pairtune.batching import TokenizedColumns
-    from pairtune.training import train
+    from pairtune.data.batching import TokenizedColumns
+    from pairtune.train.training import train
 
     # Given the mined folder and the default sampler (train.batch_sampler=random), as the README's
     # command-line recipe trains it

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pairtune.config import TrainConfig
 from pairtune.core import NullObserver, TrainResult
-from pairtune.progress import FanOut, ProgressObserver, with_progress
+from pairtune.train.progress import FanOut, ProgressObserver, with_progress
 
 
 class Terminal(io.StringIO):
@@ -150,7 +150,7 @@ def test_the_fan_out_reaches_every_observer_and_keeps_the_trackers_run_id():
 def test_the_progress_module_imports_nothing_heavy(tmp_path):
     from .test_house import HEAVY, imported_modules, run_importtime
 
-    done = run_importtime("-c", "import pairtune.progress", tmp_path=tmp_path)
+    done = run_importtime("-c", "import pairtune.train.progress", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not imported_modules(done.stderr) & set(HEAVY), sorted(imported_modules(done.stderr) & set(HEAVY))
 
@@ -191,7 +191,7 @@ def test_known_harmless_chatter_is_silenced_by_message_and_source_only(monkeypat
 def test_a_terminal_that_reports_no_size_still_gets_a_bar():
     import os
 
-    from pairtune.progress import screen_size
+    from pairtune.train.progress import screen_size
 
     leader, follower = os.openpty()  # a bare pty reports 0 x 0, where tqdm would draw nothing
     try:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pairtune.config import load_settings, to_plain_dict
-from pairtune.data import Columns
+from pairtune.data.pairs import Columns
 
 from .conftest import BUNDLED, compose_config, tracked_overrides
 
@@ -35,7 +35,7 @@ def test_the_config_carries_the_prompts_into_the_columns():
 
 @pytest.mark.slow
 def test_token_counts_include_the_prompt(tmp_path):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     stats = {}
     for label, extra in (("plain", []), ("prompted", PROMPTS)):
@@ -53,9 +53,9 @@ def test_token_counts_include_the_prompt(tmp_path):
 
 @pytest.fixture(scope="module")
 def prompted_run(tmp_path_factory, prepared_bundled):
-    from pairtune import training
-    from pairtune.export import run_export
+    from pairtune.outputs.export import run_export
     from pairtune.tracking import tracked_run
+    from pairtune.train import training
 
     folder = tmp_path_factory.mktemp("prompts")
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -80,7 +80,7 @@ def prompted_run(tmp_path_factory, prepared_bundled):
 
 @pytest.mark.slow
 def test_training_reads_every_text_with_its_columns_prompt(prompted_run, prepared_bundled):
-    from pairtune.data import load_prepared
+    from pairtune.data.pairs import load_prepared
 
     *_, trained_on = prompted_run
     frame = load_prepared(prepared_bundled)["train"]
@@ -90,8 +90,8 @@ def test_training_reads_every_text_with_its_columns_prompt(prompted_run, prepare
 
 @pytest.mark.slow
 def test_evaluation_encodes_with_the_prompts(prompted_run, prepared_bundled, base_model):
-    from pairtune.data import load_prepared
-    from pairtune.evaluation import build_evaluator, run_evaluator
+    from pairtune.data.pairs import load_prepared
+    from pairtune.outputs.evaluation import build_evaluator, run_evaluator
 
     _, result, *_ = prompted_run
     without = run_evaluator(build_evaluator(load_prepared(prepared_bundled)["eval"], Columns(), name="eval"), base_model)
@@ -106,7 +106,7 @@ def test_evaluation_encodes_with_the_prompts(prompted_run, prepared_bundled, bas
 def test_the_prompts_are_saved_and_apply_alike_in_pytorch_onnx_and_the_served_model(prompted_run):
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.onnx_encoder import OnnxEncoder
+    from pairtune.outputs.onnx_encoder import OnnxEncoder
 
     settings, result, run, _ = prompted_run
     saved = json.loads((result.final_dir / "config_sentence_transformers.json").read_text())
@@ -133,7 +133,7 @@ def test_the_prompts_are_saved_and_apply_alike_in_pytorch_onnx_and_the_served_mo
 @pytest.mark.slow
 def test_a_model_that_pools_without_its_prompt_tokens_is_refused_with_the_key(base_model):
     from pairtune.config import ConfigError
-    from pairtune.training import apply_prompts
+    from pairtune.train.training import apply_prompts
 
     columns = Columns(anchor_prompt="query: ")
     base_model[1].include_prompt = False

@@ -154,9 +154,9 @@ def test_resume_after_sigkill_agrees_with_the_card_and_mlflow(tmp_path, prepared
 def test_non_finite_loss_stops_with_the_step_and_a_failed_run(make_settings, prepared_bundled, tmp_path, monkeypatch):
     import torch
 
-    from pairtune import training
     from pairtune.config import to_plain_dict
     from pairtune.tracking import tracked_run
+    from pairtune.train import training
 
     settings = make_settings(f"paths.prepared={prepared_bundled}", "train.max_steps=3", "train.eval_on_start=false",
                              "tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/nan.db",

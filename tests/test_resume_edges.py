@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pairtune.config import load_settings
 from pairtune.core import NullObserver
-from pairtune.signals import TrainingInterrupted, graceful_stop
+from pairtune.train.signals import TrainingInterrupted, graceful_stop
 
 from .conftest import BUNDLED, compose_config
 
@@ -40,7 +40,7 @@ def card_logs(model_dir: Path) -> str:
 
 
 def run(make_settings, prepared: Path, out: Path, *extra: str, stop_at: int | None = None):
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     settings = make_settings(
         f"paths.prepared={prepared}", f"paths.model={out}/model", f"paths.checkpoints={out}/ckpt",

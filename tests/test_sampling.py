@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pairtune.data import load_prepared
-from pairtune.sampling import GlobalBatchSampler, text_ids_from_columns
+from pairtune.data.pairs import load_prepared
+from pairtune.data.sampling import GlobalBatchSampler, text_ids_from_columns
 
 from .conftest import ROOT
 

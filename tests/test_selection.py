@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pairtune.core import PRIMARY_METRIC
-from pairtune.selection import BEST_FILE, BestWeights
+from pairtune.train.selection import BEST_FILE, BestWeights
 
 
 def linear(value: float) -> torch.nn.Linear:
@@ -69,9 +69,9 @@ def test_a_real_run_saves_the_best_eval_step_and_marks_it_on_the_card(make_setti
     from safetensors.torch import load_file
     from sentence_transformers import SentenceTransformer
 
-    from pairtune.data import Columns, load_prepared
-    from pairtune.evaluation import build_evaluator, run_evaluator
-    from pairtune.training import train
+    from pairtune.data.pairs import Columns, load_prepared
+    from pairtune.outputs.evaluation import build_evaluator, run_evaluator
+    from pairtune.train.training import train
 
     # Given a run whose evaluations get worse as it trains, the step-0 evaluation (the base model) left out
     settings = make_settings(

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from pairtune.config import ConfigError, load_settings
-from pairtune.data import PairDataError
-from pairtune.sampling import SourceBatchSampler
-from pairtune.signals import TrainingInterrupted
+from pairtune.data.pairs import PairDataError
+from pairtune.data.sampling import SourceBatchSampler
+from pairtune.train.signals import TrainingInterrupted
 
 from .conftest import ROOT, compose_config
 
@@ -89,7 +89,7 @@ def test_bad_sources_name_their_key(override, key):
 
 
 def test_prepare_splits_each_source_and_counts_rows_per_source_and_split(tmp_path):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     stats = run_prepare(load_settings(compose_config([SOURCES, f"paths.prepared={tmp_path}/p"])))
     assert {name: part["rows"] for name, part in stats["sources"].items()} == {
@@ -103,7 +103,7 @@ def test_prepare_splits_each_source_and_counts_rows_per_source_and_split(tmp_pat
 
 
 def test_a_text_in_two_sources_different_splits_is_refused_naming_both(tmp_path):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     rows = [json.loads(line) for line in (ROOT / "data/raw/caravan.jsonl").read_text().splitlines()][:120]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -118,7 +118,7 @@ def test_a_text_in_two_sources_different_splits_is_refused_naming_both(tmp_path)
 
 @pytest.fixture(scope="module")
 def prepared_sources(tmp_path_factory):
-    from pairtune.preparation import run_prepare
+    from pairtune.data.preparation import run_prepare
 
     folder = tmp_path_factory.mktemp("sources") / "prepared"
     run_prepare(load_settings(compose_config([SOURCES, f"paths.prepared={folder}"])))
@@ -177,7 +177,7 @@ RUN_PROMPTS = ["data.anchor_prompt=query: ", "data.positive_prompt=passage: "]
 
 
 def test_sources_with_prompts_of_their_own_put_them_before_their_rows_only():
-    from pairtune.data import Columns
+    from pairtune.data.pairs import Columns
 
     columns = Columns.of(load_settings(compose_config([OWN_PROMPTS, *RUN_PROMPTS])).data)
     frame = pd.DataFrame({"sentence_0": ["h", "c", "o"], "sentence_1": ["H", "C", "O"],
@@ -192,8 +192,8 @@ def test_sources_with_prompts_of_their_own_put_them_before_their_rows_only():
 
 
 def test_each_source_is_evaluated_with_its_own_prompts_and_the_pool_with_each_rows(prepared_sources):
-    from pairtune.data import Columns, load_prepared
-    from pairtune.evaluation import build_split_evaluator
+    from pairtune.data.pairs import Columns, load_prepared
+    from pairtune.outputs.evaluation import build_split_evaluator
 
     columns = Columns.of(load_settings(compose_config([OWN_PROMPTS, *RUN_PROMPTS])).data)
     evaluator = build_split_evaluator(load_prepared(prepared_sources)["eval"], columns, name="eval")
@@ -207,7 +207,7 @@ def test_each_source_is_evaluated_with_its_own_prompts_and_the_pool_with_each_ro
 
 @pytest.mark.slow
 def test_the_model_saves_each_sources_prompts_under_its_name(make_settings, prepared_sources, tmp_path):
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     settings = make_settings(OWN_PROMPTS, *RUN_PROMPTS, f"paths.prepared={prepared_sources}", "train.max_steps=2",
                              "train.epochs=1", "train.save_checkpoints=false")

@@ -13,7 +13,7 @@ import pytest
 from pairtune.config import to_plain_dict
 from pairtune.core import OBJECTIVE, NullObserver
 from pairtune.tracking import PARAM_VALUE_LIMIT, flatten, redact, split_params, tracked_run
-from pairtune.training import train
+from pairtune.train.training import train
 
 from .conftest import ROOT
 
@@ -302,7 +302,7 @@ def test_stage_reporter_logs_one_bar_chart_per_metric_and_closes_them(make_setti
 
 def test_runs_table_shows_the_dvc_experiment_column_only_when_a_run_has_one():
     from pairtune.core import OBJECTIVE
-    from pairtune.runs import RunRow, format_table
+    from pairtune.tracking.runs import RunRow, format_table
 
     plain = RunRow("a", "run-a", "FINISHED", {"train.lr": "1e-05"}, {OBJECTIVE: 0.8})
     exp = RunRow("b", "run-b", "FINISHED", {"train.lr": "5e-05"}, {OBJECTIVE: 0.9}, experiment="fast-lr")

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from pairtune.config import TrainConfig
-from pairtune.sampling import GlobalBatchSampler
-from pairtune.training import Schedule, train
+from pairtune.data.sampling import GlobalBatchSampler
+from pairtune.train.training import Schedule, train
 
 
 def test_default_schedule_is_9_steps_per_epoch_and_90_in_all(make_settings, prepared_bundled):
@@ -70,7 +70,7 @@ def test_mixed_precision_takes_only_known_values():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPUs only")
 def test_fp16_on_a_cpu_is_refused_rather_than_quietly_trained_in_fp32():
     from pairtune.config import ConfigError
-    from pairtune.training import build_accelerator
+    from pairtune.train.training import build_accelerator
 
     with pytest.raises(ConfigError, match="fp16 needs a GPU; on a CPU use bf16 or no"):
         build_accelerator(TrainConfig(mixed_precision="fp16"))
@@ -81,7 +81,7 @@ def test_bf16_on_a_cpu_autocasts_after_an_fp32_accelerator_in_the_same_process()
     """A sweep's next job (or a later test) may ask for bf16 once an fp32 run has set Accelerate's state."""
     import torch
 
-    from pairtune.training import build_accelerator
+    from pairtune.train.training import build_accelerator
 
     build_accelerator(TrainConfig(mixed_precision="no")).end_training()
     accelerator = build_accelerator(TrainConfig(mixed_precision="bf16"))
@@ -122,8 +122,8 @@ def test_two_accumulated_batches_of_16_are_one_update_on_32_rows(make_settings, 
     """
     from safetensors.torch import load_file
 
-    from pairtune import training
     from pairtune.core import NullObserver
+    from pairtune.train import training
 
     class GradNorms(NullObserver):
         def __init__(self) -> None:

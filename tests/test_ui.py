@@ -41,7 +41,7 @@ def train_tracked(folder: Path, prepared: Path, uri: str, name: str, lr: str) ->
     """One real one-step training run, tracked as ``pipelines/train.py`` tracks it."""
     from pairtune.config import load_settings, to_plain_dict
     from pairtune.tracking import tracked_run
-    from pairtune.training import train
+    from pairtune.train.training import train
 
     overrides = [f"train.lr={lr}", f"tracking.run_name={name}", f"tracking.experiment={EXPERIMENT}"]
     tiny = ["train.max_steps=1", "train.epochs=1", "train.eval_on_start=true", "train.save_checkpoints=false",

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pairtune.batching import tokenize_columns
 from pairtune.config import ConfigError
-from pairtune.losses import mnrl_loss
-from pairtune.training import encoder_for_training, reset_gradients, train
-from pairtune.unpad import UnpaddedEncoder, _attention, _Grid, dropout, supports_unpadding
+from pairtune.data.batching import tokenize_columns
+from pairtune.model.losses import mnrl_loss
+from pairtune.model.unpad import UnpaddedEncoder, _attention, _Grid, dropout, supports_unpadding
+from pairtune.train.training import encoder_for_training, reset_gradients, train
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ def bundled_texts() -> list[str]:
 def build_mpnet(folder: Path) -> None:
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizer
 
-    from pairtune.model_source import bundled_model_path
+    from pairtune.model.model_source import bundled_model_path
 
     words = (Path(bundled_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
     tokenizer = MPNetTokenizer(vocab={word: i for i, word in enumerate(words)}, bos_token="[CLS]", eos_token="[SEP]",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pairtune.core import OBJECTIVE
 
 if TYPE_CHECKING:
-    from pairtune.runs import RunRow
+    from pairtune.tracking.runs import RunRow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show_runs(args: argparse.Namespace) -> int:
     """Print the runs table sorted by ``args.sort``; exit status 1 when there is nothing to show."""
-    from pairtune.runs import collect_runs, format_table  # mlflow: only when runs are actually listed
+    from pairtune.tracking.runs import (  # mlflow: only when runs are actually listed
+        collect_runs,
+        format_table,
+    )
 
     rows = collect_runs(
         experiment=args.experiment,

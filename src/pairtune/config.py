@@ -190,7 +190,7 @@ class TrainConfig:
     shared_filesystem: bool = True  # False: every node keeps its own checkpoint copy
     collective_timeout_minutes: float = 60.0  # how long ranks wait for rank 0's evaluation, or any collective
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
-    reuse_freed_memory: bool = True  # CPU on glibc: freed blocks stay in the process (pairtune.memory)
+    reuse_freed_memory: bool = True  # CPU on glibc: freed blocks stay in the process (pairtune.train.memory)
     progress: bool = True  # console progress (main process): a bar on a terminal, plain lines in a log
     progress_every_seconds: float = 30.0  # without a terminal (CI, DVC, SLURM): one progress line this often
 
@@ -220,7 +220,7 @@ class TrainConfig:
 
 @dataclass
 class MiningConfig:
-    """The ``mine`` stage (pairtune.mining): one hard negative per training pair, off by default."""
+    """The ``mine`` stage (pairtune.data.mining): one hard negative per training pair, off by default."""
 
     enabled: bool = False
     negative_column: str = "negative"  # the mined column's name; mining.json tells training to use it
@@ -294,7 +294,7 @@ class ExportConfig:
 
 @dataclass
 class GeneralConfig:
-    """The general-retrieval set the guard scores (pairtune.guard): queries and passages outside the task."""
+    """The general-retrieval set the guard scores (pairtune.train.guard): queries and passages outside the task."""
 
     source: str | None = "data/general/pairs.jsonl"  # any form data.source takes; None = no general set, no guard
     corpus: str | None = "data/general/distractors.jsonl"  # passages relevant to no query (near misses); None = none

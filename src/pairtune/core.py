@@ -106,7 +106,7 @@ class TrainResult:
     similarity: str = "cosine"
     selected_step: int | None = None  # train.select_best: the step whose weights were saved
     final_dir: Path | None = None  # the final model (paths.final): the guard's blend, or the trained model
-    guard: Any = None  # pairtune.guard.GuardReport when the guard ran
+    guard: Any = None  # pairtune.train.guard.GuardReport when the guard ran
     warnings: list[str] = field(default_factory=list)  # "why no gain" signals the run raised
     padded: str | None = None  # model.unpad=auto on an encoder without an unpadded forward: said on the card
 

@@ -57,7 +57,7 @@ def _ort_preprocessing_hint(record: logging.LogRecord) -> bool:
     ``quantize_dynamic`` logs it on the root logger for any model without ORT's shape-inference and optimizer
     pre-processing. The export stage quantises without it on purpose: it checks int8 parity against
     ``export.min_cosine_int8`` on every test sentence, and ORT's transformer optimizer made the int8 graph
-    slower and less exact (README, "Speed"). Better home: around ``quantize_dynamic`` in ``pairtune.export``.
+    slower and less exact (README, "Speed"). Better home: around ``quantize_dynamic`` in ``pairtune.outputs.export``.
     """
     return not (record.name == "root" and "pre-processing before quantization" in str(record.msg))
 
@@ -123,8 +123,8 @@ def isolate_outputs(settings: PairtuneConfig, *keys: str) -> PairtuneConfig:
 def check_inputs(settings: PairtuneConfig, *keys: str) -> None:
     """Every input a stage reads must exist: one line naming the key, before any heavy import or run opens."""
     from pairtune.config import ConfigError
-    from pairtune.data import check_prepared
-    from pairtune.model_source import check_model_folder, check_model_name
+    from pairtune.data.pairs import check_prepared
+    from pairtune.model.model_source import check_model_folder, check_model_name
 
     checks = {
         "model.name": lambda: check_model_name(settings.model.name),

@@ -144,7 +144,7 @@ def log_training_logs(result: TrainResult) -> None:
     """The card's Training Logs table, as an MLflow table (``mlflow.load_table``) and as markdown."""
     import pandas as pd
 
-    from pairtune.card import logs_table  # the card pulls in templating; only a finished run needs it
+    from pairtune.outputs.card import logs_table  # the card pulls in templating; only a finished run needs it
 
     mlflow = _mlflow()
     rows = [
@@ -470,7 +470,7 @@ def bar_chart(labels: list[str], values: list[float], *, title: str) -> Callable
 
 def model_digest(model_dir: str | Path) -> str | None:
     """sha256 of a model folder's weights; None when it holds no ``model.safetensors``."""
-    from pairtune.checkpoint import file_digest
+    from pairtune.train.checkpoint import file_digest
 
     weights = Path(model_dir) / "model.safetensors"
     return file_digest(weights) if weights.is_file() else None

@@ -77,7 +77,7 @@ class SweepCallback(Callback):
 
 def keep_command(overrides: str) -> str:
     """The ``dvc exp run`` that reruns a sweep job's choice in the pipeline: its overrides of keys that shape a run."""
-    from pairtune.checkpoint import SHAPES_THE_RUN
+    from pairtune.train.checkpoint import SHAPES_THE_RUN
 
     kept = [o for o in overrides.split() if o.partition("=")[0].lstrip("+~") in SHAPES_THE_RUN]
     return " ".join([".venv/bin/dvc exp run", *(f"-S '{o}'" for o in kept)])

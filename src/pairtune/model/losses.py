@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from pairtune.batching import Features
+from pairtune.data.batching import Features
 
 
 def _distributed() -> bool:

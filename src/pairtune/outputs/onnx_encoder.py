@@ -1,7 +1,7 @@
 """A torch-free sentence encoder over an exported ONNX folder: tokenizers + onnxruntime + numpy only.
 
 Serving code imports this module instead of sentence-transformers, so it must never pull in torch,
-transformers or any pairtune module that does. The folder layout is the one ``pairtune.export`` writes.
+transformers or any pairtune module that does. The folder layout is the one ``pairtune.outputs.export`` writes.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pairtune.batching import Features
+from pairtune.data.batching import Features
 
 
 def _bert(model: nn.Module) -> nn.Module | None:

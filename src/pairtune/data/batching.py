@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pairtune.tokens import encode_in_chunks
+from pairtune.data.tokens import encode_in_chunks
 
 Features = dict[str, Tensor]
 

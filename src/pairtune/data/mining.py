@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pairtune.config import ConfigError
-from pairtune.data import SPLITS, Columns, PairDataError, check_prepared
+from pairtune.data.pairs import SPLITS, Columns, PairDataError, check_prepared
 from pairtune.files import write_atomic_dir
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def mine_train_split(
 
 def load_base_model(model: ModelConfig):
     """The base model on the best device there is (mining a large split on a GPU is minutes, not hours)."""
-    from pairtune.modeling import load_model
+    from pairtune.model.modeling import load_model
 
     return load_model(
         model.name,

@@ -4,7 +4,7 @@ Each source is read with its own columns, renamed to the run's (``data.anchor_co
 and split on its own (``train_size`` / ``eval_size`` of the source), then the splits are stacked with a
 ``source`` column. No text may sit in two splits, within a source or across sources: a sentence in one
 source's train split and another's test split would leak. The training sampler draws each global batch
-from one source (:class:`pairtune.sampling.SourceBatchSampler`); evaluation scores each source apart.
+from one source (:class:`pairtune.data.sampling.SourceBatchSampler`); evaluation scores each source apart.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import pandas as pd
 
 from pairtune.config import DataConfig, SourceConfig
-from pairtune.data import (
+from pairtune.data.pairs import (
     SPLITS,
     Columns,
     PairDataError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from sentence_transformers import SentenceTransformer
 
-from pairtune.model_source import resolve_model_source
+from pairtune.model.model_source import resolve_model_source
 
 log = logging.getLogger(__name__)
 

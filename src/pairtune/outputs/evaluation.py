@@ -11,9 +11,9 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 
 from pairtune.config import PairtuneConfig
 from pairtune.core import CARD_METRICS, DIM_METRICS, PRIMARY_METRIC, dim_metric, metric_key
-from pairtune.data import Columns, load_prepared, pairs_digest, read_pairs
+from pairtune.data.pairs import Columns, load_prepared, pairs_digest, read_pairs
+from pairtune.data.sources import SOURCE_COLUMN
 from pairtune.files import write_json_atomic
-from pairtune.sources import SOURCE_COLUMN
 
 
 def cap_rows(frame: pd.DataFrame, max_rows: int | None, *, seed: int) -> pd.DataFrame:
@@ -188,7 +188,7 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
     split unless ``promotion.source`` names a fixed one), never on test, and only for a final model whose
     general MRR@10 stays within ``guard.max_drop`` of the base's. Written to reports/metrics.json.
     """
-    from pairtune.modeling import load_model
+    from pairtune.model.modeling import load_model
 
     columns = Columns.of(settings.data)
     splits = load_prepared(settings.paths.prepared)
@@ -216,7 +216,7 @@ def run_evaluate(settings: PairtuneConfig) -> dict:
 
 def general_change(settings: PairtuneConfig, models: dict) -> dict | None:
     """The general-retrieval MRR@10 of the base and the final model and the change (cached: the guard scored them)."""
-    from pairtune.guard import GeneralScorer, load_general_set
+    from pairtune.train.guard import GeneralScorer, load_general_set
 
     general = load_general_set(settings) if settings.guard.enabled else None
     if general is None:

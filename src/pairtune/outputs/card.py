@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 
 from pairtune.core import CARD_METRICS, dim_metric
-from pairtune.data import Columns, token_stats
+from pairtune.data.pairs import Columns, token_stats
+from pairtune.data.tokens import count_tokens
 from pairtune.files import write_text_atomic
-from pairtune.tokens import count_tokens
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -168,7 +168,7 @@ def logs_table(rows: list[EpochRow], selected_step: int | None = None) -> list[s
 
 def guard_lines(report) -> list[str]:
     """The final card's guard section: the choice and why, general retrieval against the base, the blends."""
-    from pairtune.guard import GENERAL_METRICS
+    from pairtune.train.guard import GENERAL_METRICS
 
     general = {"base model": report.base_general, "trained model": report.trained_general, "final model": report.final.general}
     lines = [
@@ -361,7 +361,7 @@ def _to_json(value: Any, indent: int = 4) -> str:
 def _environment() -> jinja2.Environment:
     """The template environment: markdown, so no autoescape; undefined names fail instead of printing nothing."""
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("pairtune", "templates"),
+        loader=jinja2.PackageLoader("pairtune.outputs", "templates"),
         autoescape=False,
         keep_trailing_newline=True,
         trim_blocks=True,

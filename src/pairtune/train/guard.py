@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pairtune.core import PRIMARY_METRIC
-from pairtune.data import Columns, PairSource, read_pairs, read_source
+from pairtune.data.pairs import Columns, PairSource, read_pairs, read_source
 from pairtune.files import write_json_atomic
 
 if TYPE_CHECKING:

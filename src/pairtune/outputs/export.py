@@ -1,7 +1,7 @@
 """Export a SentenceTransformer to ONNX (fp32 and dynamic int8) and measure both against PyTorch.
 
 The exported graph is the whole encoder (transformer, mean pooling over the attention mask, L2
-normalisation), so serving needs only tokenizers + onnxruntime (see :mod:`pairtune.onnx_encoder`).
+normalisation), so serving needs only tokenizers + onnxruntime (see :mod:`pairtune.outputs.onnx_encoder`).
 The folder follows sentence-transformers' ONNX layout: ``onnx/model.onnx``, ``onnx/model_qint8_avx2.onnx``.
 
 Plain dynamic int8 quantisation of MiniLM loses too much (worst cosine to PyTorch ~0.985 on the bundled
@@ -33,9 +33,9 @@ from sentence_transformers import SentenceTransformer
 
 from pairtune.config import ConfigError, PairtuneConfig
 from pairtune.core import ExportParityError
-from pairtune.data import Columns, load_prepared
+from pairtune.data.pairs import Columns, load_prepared
 from pairtune.files import write_atomic_dir, write_json_atomic
-from pairtune.onnx_encoder import META_FILE, ONNX_SUBDIR, OUTPUT_NAME, VARIANT_FILES, OnnxEncoder
+from pairtune.outputs.onnx_encoder import META_FILE, ONNX_SUBDIR, OUTPUT_NAME, VARIANT_FILES, OnnxEncoder
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,6 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broad
 from sentence_transformers import SentenceTransformer
 from transformers import get_scheduler
 
-from pairtune.batching import TokenizedColumns, tokenize_columns
-from pairtune.checkpoint import Checkpoint, LoopState
 from pairtune.config import ConfigError, LossConfig, PairtuneConfig, TrainConfig, settle_batch_sampler
 from pairtune.core import (
     CARD_METRICS,
@@ -35,17 +33,19 @@ from pairtune.core import (
     Observer,
     TrainResult,
 )
-from pairtune.data import Columns, load_prepared
-from pairtune.evaluation import build_split_evaluator, cap_rows, run_evaluator
+from pairtune.data.batching import TokenizedColumns, tokenize_columns
+from pairtune.data.pairs import Columns, load_prepared
+from pairtune.data.sampling import GlobalBatchSampler, SourceBatchSampler, text_ids_from_columns
+from pairtune.data.sources import SOURCE_COLUMN
 from pairtune.files import write_atomic_dir
-from pairtune.losses import batch_signals, cached_mnrl_step, mnrl_loss, ranking_loss
-from pairtune.memory import reuse_freed_memory
-from pairtune.modeling import load_model
-from pairtune.sampling import GlobalBatchSampler, SourceBatchSampler, text_ids_from_columns
-from pairtune.selection import BestWeights
-from pairtune.signals import STOP, TrainingInterrupted
-from pairtune.sources import SOURCE_COLUMN
-from pairtune.unpad import UnpaddedEncoder, supports_unpadding
+from pairtune.model.losses import batch_signals, cached_mnrl_step, mnrl_loss, ranking_loss
+from pairtune.model.modeling import load_model
+from pairtune.model.unpad import UnpaddedEncoder, supports_unpadding
+from pairtune.outputs.evaluation import build_split_evaluator, cap_rows, run_evaluator
+from pairtune.train.checkpoint import Checkpoint, LoopState
+from pairtune.train.memory import reuse_freed_memory
+from pairtune.train.selection import BestWeights
+from pairtune.train.signals import STOP, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def compute_loss_and_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward for one micro-batch; one DDP gradient all-reduce, and only when ``sync``.
 
-    Returns the loss and the batch's signals (:func:`pairtune.losses.batch_signals`), both detached.
+    Returns the loss and the batch's signals (:func:`pairtune.model.losses.batch_signals`), both detached.
     """
     gather = loss.gather_across_devices and accelerator.num_processes > 1
     signals: list[torch.Tensor] = []
@@ -212,7 +212,7 @@ def reset_gradients(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 def encoder_for_training(model: SentenceTransformer, unpad: bool | str) -> tuple[torch.nn.Module, str | None]:
     """The module the loop trains (the model itself, or its unpadded forward), and why it is padded if auto chose so.
 
-    ``model.unpad=auto`` unpads the encoders :mod:`pairtune.unpad` supports (BERT: MiniLM, BGE, E5, GTE ...) and
+    ``model.unpad=auto`` unpads the encoders :mod:`pairtune.model.unpad` supports (BERT: MiniLM, BGE, E5, GTE ...) and
     trains the others padded, saying so once; ``true`` on an unsupported encoder is a config error.
     """
     if unpad is False:
@@ -610,7 +610,7 @@ def train(settings: PairtuneConfig, *, observer: Observer | None = None) -> Trai
 def save_with_card(
     model, folder: Path, settings: PairtuneConfig, result: TrainResult, splits: dict, *, final: bool = False
 ) -> None:
-    from pairtune.card import write_model_card
+    from pairtune.outputs.card import write_model_card
 
     previous = model.truncate_dim
     if final and settings.export.dim:  # the served and the loaded final model truncate as the ONNX graph does
@@ -635,7 +635,7 @@ def save_final_model(ctx: TrainingContext, model, settings: PairtuneConfig, resu
 
     ``model`` holds the trained weights on entry and the final ones on return; ``result.guard`` says why.
     """
-    from pairtune.guard import GeneralScorer, choose_blend, load_general_set
+    from pairtune.train.guard import GeneralScorer, choose_blend, load_general_set
 
     result.final_dir = Path(settings.paths.final)
     general = load_general_set(settings) if ctx.base_weights is not None else None

@@ -7,7 +7,7 @@ import logging
 import pandas as pd
 
 from pairtune.config import PairtuneConfig
-from pairtune.data import (
+from pairtune.data.pairs import (
     Columns,
     PairDataError,
     PairSource,
@@ -18,8 +18,8 @@ from pairtune.data import (
     token_stats,
     write_prepared,
 )
-from pairtune.model_source import load_fast_tokenizer
-from pairtune.tokens import count_tokens
+from pairtune.data.tokens import count_tokens
+from pairtune.model.model_source import load_fast_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def run_prepare(settings: PairtuneConfig) -> dict:
 
 def prepare_several(settings: PairtuneConfig, columns: Columns) -> dict:
     """``data.sources``: each source split on its own, stacked with a ``source`` column; rows per source and split."""
-    from pairtune.sources import prepare_sources
+    from pairtune.data.sources import prepare_sources
 
     splits, stats = prepare_sources(settings.data, columns)
     for name, part in stats["sources"].items():

@@ -1,0 +1,1 @@
+"""What a run leaves behind: evaluation, the model card, the plot series, the ONNX export and its encoder."""
