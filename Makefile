@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep tune ui serve bench bench-scale bench-quality bench-matryoshka bench-sources test lint format clean
+.PHONY: help install browser run push pull params prepare train train-ddp-cpu evaluate export sweep tune ui serve bench bench-scale bench-rows bench-step bench-quality bench-matryoshka bench-sources test lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -82,7 +82,10 @@ serve: $(STAMP) ## serve models:/pairtune@champion on 127.0.0.1:$(SERVE_PORT) (P
 bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, torch.compile (~22 min on 2 cores; ARGS="--threads 1")
 	$(PY) bench/compare.py $(ARGS)
 
-bench-scale: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
+bench-scale: $(STAMP) ## trainer vs pairtune at users' scale: 20k synthetic pairs, batch 32 and 128, fp32 and bf16, medians of 3 (~2.5 h on 2 cores; ARGS=...)
+	$(PY) bench/users_scale.py $(ARGS)
+
+bench-rows: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
 	$(PY) bench/scale.py $(ARGS)
 
 bench-quality: $(STAMP) ## recipes x 3 data sets x seeds 42 1 2, chosen on eval, a preset kept only if it holds on every set (~45 min)

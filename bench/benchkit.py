@@ -61,6 +61,9 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=5, help="num_train_epochs (default 5)")
     parser.add_argument("--max-steps", type=int, default=-1, help="> 0 stops early (default -1: off)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help=f"training batch (default {BATCH_SIZE}: the seed card)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="write the JSON result here")
     return parser
 

@@ -178,6 +178,7 @@ def overrides_for(args) -> list[str]:
         f"paths.reports={work}/reports",
         f"train.epochs={args.epochs}",
         f"train.max_steps={args.max_steps}",
+        f"train.batch_size={args.batch_size}",
         "train.save_checkpoints=false",
         *([f"paths.general_cache={work}/general-cache"] if guard else ["guard.enabled=false"]),
         f"tracking.enabled={str(args.tracking_uri is not None).lower()}",

@@ -107,12 +107,12 @@ def build_ir_evaluator(frame: pd.DataFrame, *, name: str = "eval", batch_size: i
 
 
 def build_arguments(
-    output_dir: str, *, epochs: int, max_steps: int, bf16: bool
+    output_dir: str, *, epochs: int, max_steps: int, bf16: bool, batch_size: int = benchkit.BATCH_SIZE
 ) -> SentenceTransformerTrainingArguments:
     """The seed card's hyperparameters; evaluation before training and at every epoch end; no checkpoints."""
     return SentenceTransformerTrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=benchkit.BATCH_SIZE,
+        per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=benchkit.BATCH_SIZE,
         num_train_epochs=epochs,
         max_steps=max_steps,
@@ -140,6 +140,7 @@ def train_and_save(args, frames: dict[str, pd.DataFrame], model: SentenceTransfo
             epochs=args.epochs,
             max_steps=args.max_steps,
             bf16=args.precision == "bf16",
+            batch_size=args.batch_size,
         ),
         train_dataset=Dataset.from_pandas(frames["train"], preserve_index=False),
         loss=MultipleNegativesRankingLoss(model, scale=20.0),  # cos_sim by default
@@ -187,7 +188,7 @@ def main() -> int:
         "max_steps": args.max_steps,
         "precision": args.precision,
         "threads": torch.get_num_threads(),
-        "global_batch_size": benchkit.BATCH_SIZE,
+        "global_batch_size": args.batch_size,
         **timings,
     }
     result["marks"] |= {
