@@ -255,3 +255,51 @@ def test_bench_scripts_keep_out_of_machine_specific_paths():
     for path in sorted(Path(BENCH).glob("*.py")):
         text = path.read_text()
         assert "/work/" not in text and "/root/" not in text and "/home/" not in text, path.name
+
+
+@pytest.mark.slow
+def test_the_users_scale_bench_runs_both_tools_in_both_modes_and_says_the_verdict():
+    out = run_script(
+        "bench/users_scale.py", "--rows", "160", "--eval-size", "40", "--test-size", "40", "--repeats", "1",
+        "--batch-sizes", "16", "--max-steps", "2",
+    ).stdout
+    for mode in ("fp32", "bf16"):
+        table = out[out.index(f"{mode}, batch 16, 1 epoch of 160 pairs") :]
+        header, *rows = table.splitlines()[1:9]
+        assert "trainer" in header and "pairtune" in header and "pairtune / trainer" in header
+        assert [row.split("  ")[1].strip() for row in rows[:3]] == [
+            "steps/s (steps only)", "pairs/s (steps only)", "tokens/s (steps only, real tokens)"]
+        assert f"  {mode} batch 16: steps/s " in out
+    assert "target: pairtune >= 2x the trainer's steps/s" in out
+
+
+@pytest.mark.slow
+def test_the_step_profile_accounts_for_the_whole_step_and_every_matmul(tmp_path):
+    """The classes add up to the profiled step, and the matmul FLOPs the profiler counted are the model's."""
+    png, figures, store = tmp_path / "step.png", tmp_path / "step.json", tmp_path / "bench.db"
+    run_script(
+        "bench/profile_step.py", "--modes", "fp32", "--rows", "300", "--warmup", "3", "--active", "2",
+        "--png", str(png), "--json", str(figures), "--tracking-uri", f"sqlite:///{store}",
+    )
+    result = json.loads(figures.read_text())["results"][0]
+    assert result["steps"] == 2 and result["mode"] == "fp32"
+    assert sum(result["ms"].values()) == pytest.approx(result["step_ms"], rel=1e-6)
+    assert all(result["ms"][kind] > 0 for kind in ("matmul", "attention", "elementwise", "optimizer", "loss", "data"))
+    assert result["bound_ms"]["matmul"] > 0 and result["bound_ms"]["optimizer"] > 0
+    # dense layers on real tokens only (the unpadded forward): 6 x non-embedding parameters x real tokens, plus
+    # attention, per pair (bench/flops.py's model); the profiler's count of every classified product must match it
+    from synth import generate
+
+    from pairtune.model.modeling import load_model
+
+    model = load_model("sentence-transformers/all-MiniLM-L6-v2", max_seq_length=256)
+    cost = flops.pair_cost(model, generate(300), ("sentence_0", "sentence_1"), max_length=256)
+    counted = sum(result["flops"].get(kind, 0.0) for kind in ("matmul", "attention", "loss"))
+    assert counted == pytest.approx(cost.flops_per_pair * 32, rel=0.15)
+    assert png.stat().st_size > 10_000
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    run = mlflow.search_runs(experiment_names=["pairtune-bench"], output_format="list")[0]
+    assert run.data.metrics["fp32_matmul_ms"] == pytest.approx(result["ms"]["matmul"])
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {"step.png", "step.json"}
