@@ -85,6 +85,9 @@ bench: $(STAMP) ## trainer vs pairtune whole jobs, tracking, bf16, fixed costs, 
 bench-scale: $(STAMP) ## trainer vs pairtune at users' scale: 20k synthetic pairs, batch 32 and 128, fp32 and bf16, medians of 3 (~2.5 h on 2 cores; ARGS=...)
 	$(PY) bench/users_scale.py $(ARGS)
 
+bench-step: $(STAMP) ## where one training step's milliseconds go, fp32 and bf16, against their bounds: docs/step_profile.png (~3 min)
+	$(PY) bench/profile_step.py $(ARGS)
+
 bench-rows: $(STAMP) ## what grows with rows at 1M synthetic pairs, steps/s 10k vs 1M, cached MNRL memory (ARGS=...)
 	$(PY) bench/scale.py $(ARGS)
 
