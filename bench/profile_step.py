@@ -17,10 +17,11 @@ Every operator's own time (``self_cpu_time``) is then put in one class:
   python       the step's wall time not inside any operator: Python, the dispatcher, autograd's bookkeeping
 
 Each class gets its bound, what this machine could do at best: FLOPs counted by the profiler / the CPU's nominal
-peak for the dtype (matmul, attention, loss), bytes moved / the memory bandwidth measured here (optimizer: 7
-fp32 streams per parameter, plus one read for the gradient norm; elementwise and embedding: each operator's input
-and output sizes from its recorded shapes, at 4 bytes an element in fp32 and 2 in bf16, an estimate), and 0 for
-data and python. The chart (``--png``, committed as docs/step_profile.png) stacks both, per mode; the figures go
+peak for the dtype (matmul, attention, loss), bytes moved / a copy bandwidth measured here: the optimizer at
+the memory's (a 512 MB copy; 7 fp32 streams per parameter, plus one read for the gradient norm), elementwise,
+attention, embedding and loss at the cache's (a 4 MB copy: one layer's activations stay in cache; each
+operator's input and output sizes from its recorded shapes, at 4 bytes an element in fp32 and 2 in bf16, an
+estimate), and 0 for data and python. The chart (``--png``, committed as docs/step_profile.png) stacks both, per mode; the figures go
 to ``--json`` and, unless ``--no-tracking``, to an MLflow run (the chart as an artifact).
 """
 
@@ -225,12 +226,12 @@ def prepare(work: Path, rows: int) -> None:
                                            f"data.train_size={rows}", "data.eval_size=100"]))
 
 
-def bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large fp32 copy (read + write), best of ``repeats``, at the jobs' thread count."""
+def bandwidth(threads: int, megabytes: float, repeats: int) -> float:
+    """Bytes/s of an fp32 copy of ``megabytes`` (read + write), best of ``repeats``, at the jobs' thread count."""
     import torch
 
     torch.set_num_threads(threads)
-    source = torch.ones(megabytes * 2**20 // 4)
+    source = torch.ones(int(megabytes * 2**20) // 4)
     target = torch.empty_like(source)
     target.copy_(source)
     best = float("inf")
@@ -241,15 +242,20 @@ def bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * source.numel() * 4 / best
 
 
-def bounds(result: dict, peak_flops: float, bytes_per_second: float) -> dict[str, float]:
+def bandwidths(threads: int) -> dict[str, float]:
+    """Memory (512 MB, what AdamW's 22.7M-parameter streams see) and cache (4 MB: one layer's activations)."""
+    return {"memory": bandwidth(threads, 512, 5), "cache": bandwidth(threads, 4, 200)}
+
+
+def bounds(result: dict, peak_flops: float, rates: dict[str, float]) -> dict[str, float]:
     """The least ms per step each class could take on this machine (see the module docstring)."""
     element = 2 if result["mode"] == "bf16" else 4
     flops, elements = result["flops"], result["elements"]
     optimizer_bytes = result["parameters"] * 4 * (7 + 1)
     ms = {kind: 1000 * flops.get(kind, 0.0) / peak_flops for kind in ("matmul", "attention", "loss")}
     for kind in ("attention", "loss", "elementwise", "embedding"):  # their products by FLOPs, the rest by bytes
-        ms[kind] = ms.get(kind, 0.0) + 1000 * elements.get(kind, 0.0) * element / bytes_per_second
-    ms["optimizer"] = 1000 * optimizer_bytes / bytes_per_second
+        ms[kind] = ms.get(kind, 0.0) + 1000 * elements.get(kind, 0.0) * element / rates["cache"]
+    ms["optimizer"] = 1000 * optimizer_bytes / rates["memory"]
     return ms | {"data": 0.0, "python": 0.0}
 
 
@@ -296,11 +302,13 @@ def draw(results: list[dict], png: Path, title: str) -> None:
     staging.replace(png)
 
 
-def log_to_mlflow(uri: str, results: list[dict], png: Path, figures: Path) -> str:
+def log_to_mlflow(uri: str | None, results: list[dict], png: Path, figures: Path) -> str:
+    """Into pairtune's store (as a run would: the experiment's artifacts beside the store), experiment pairtune-bench."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("pairtune-bench")
+    from pairtune.tracking.store import configure
+
+    configure(benchkit.compose_settings([*([f"tracking.uri={uri}"] if uri else []), "tracking.experiment=pairtune-bench"]))
     with mlflow.start_run(run_name="step-profile") as run:
         for result in results:
             mode = result["mode"]
@@ -312,7 +320,7 @@ def log_to_mlflow(uri: str, results: list[dict], png: Path, figures: Path) -> st
         return run.info.run_id
 
 
-def print_table(results: list[dict], peak, gbps: float) -> None:
+def print_table(results: list[dict], peak, rates: dict[str, float]) -> None:
     for result in results:
         ms, bound = result["ms"], result["bound_ms"]
         print(f"\n{result['mode']} ({result['numerics']} numerics, {result['threads']} threads, batch "
@@ -324,8 +332,9 @@ def print_table(results: list[dict], peak, gbps: float) -> None:
             print(f"  {kind:<12}{ms[kind]:>9.1f}{100 * ms[kind] / result['step_ms']:>7.0f}%{bound[kind]:>10.1f}"
                   f"{ratio:>9}{result['flops'].get(kind, 0) / 1e9:>8.2f}")
     print(f"\nbounds: nominal peak fp32 {peak.flops('fp32', results[0]['threads']) / 1e9:.0f}, bf16 "
-          f"{peak.flops('bf16', results[0]['threads']) / 1e9:.0f} GFLOP/s; memory bandwidth {gbps:.1f} GB/s "
-          "(fp32 copy, measured now)")
+          f"{peak.flops('bf16', results[0]['threads']) / 1e9:.0f} GFLOP/s; copy bandwidth, measured now: memory "
+          f"{rates['memory'] / 1e9:.1f} GB/s (512 MB: the optimizer), cache {rates['cache'] / 1e9:.1f} GB/s (4 MB: "
+          "activations)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -339,7 +348,8 @@ def parse_args() -> argparse.Namespace:
                         help="fastest: what a command-line run uses (default)")
     parser.add_argument("--png", type=Path, default=benchkit.ROOT / "docs" / "step_profile.png")
     parser.add_argument("--json", type=Path, default=benchkit.ROOT / "docs" / "step_profile.json")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{benchkit.ROOT / 'mlflow.db'}")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: pairtune's store ($MLFLOW_TRACKING_URI, else mlflow.db at the repository root)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log the figures and chart to MLflow")
     parser.add_argument("--child", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -363,15 +373,15 @@ def main() -> int:
         prepare(work, args.rows)
         results = [run_child(args, mode, work) for mode in args.modes]
     peak, threads = flops.cpu_peak(), results[0]["threads"]
-    gbps = bandwidth(threads) / 1e9
+    rates = bandwidths(threads)
     for result in results:
-        result["bound_ms"] = bounds(result, peak.flops(result["mode"], threads), gbps * 1e9)
+        result["bound_ms"] = bounds(result, peak.flops(result["mode"], threads), rates)
         result["ms"] = {k: result["us"].get(k, 0.0) / 1000 for k in CLASSES}
     title = (f"pairtune, one training step, measured vs bound: batch {args.batch_size}, {args.numerics} numerics, "
              f"{threads} threads, {time.strftime('%Y-%m-%d')}\n{cpu_description()}")
-    print_table(results, peak, gbps)
+    print_table(results, peak, rates)
     draw(results, args.png, title)
-    figures = {"title": title, "bandwidth_gb_per_s": gbps, "results": results}
+    figures = {"title": title, "bandwidth_gb_per_s": {k: v / 1e9 for k, v in rates.items()}, "results": results}
     args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
     print(f"\nchart: {args.png.relative_to(benchkit.ROOT) if args.png.is_relative_to(benchkit.ROOT) else args.png}")
     if not args.no_tracking:
