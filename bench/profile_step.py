@@ -32,6 +32,7 @@ import benchkit  # first: it forces the hub off before transformers is imported
 # isort: split
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -46,9 +47,8 @@ COLOURS = ("#4c72b0", "#8172b2", "#dd8452", "#937860", "#c44e52", "#55a868", "#d
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
           "aten::_mkldnn_matmul", "aten::mkldnn_linear"}
 EMBEDDING = {"aten::embedding", "aten::embedding_dense_backward", "aten::embedding_backward"}
-MARK = "pairtune:"  # the ranges this bench adds
+MARK = "pairtune:"  # the ranges this bench adds, each named after its class: "pairtune: loss"
 TABLE = 5_000_000  # elements: at least a word-embedding table (MiniLM's is 30,522 x 384 = 11.7M)
-RANGES = {"data": "data", "loss": "loss", "attention": "attention", "optimizer": "optimizer"}
 
 
 # -- the child: one mode, profiled -------------------------------------------------------------------------
@@ -82,20 +82,23 @@ def add_ranges() -> None:
     wrap(training, "optimizer_step", "optimizer")
 
 
-def ancestors(event) -> list[str]:
-    names, parent = [], event.cpu_parent
+def ancestors(event) -> list:
+    """The ranges and operators an event ran inside, innermost first."""
+    chain, parent = [], event.cpu_parent
     while parent is not None:
-        names.append(parent.name)
+        chain.append(parent)
         parent = parent.cpu_parent
-    return names
+    return chain
 
 
-def forward_class(event, chain: list[str]) -> str | None:
+def marked_class(chain: list) -> str | None:
+    """The class of the innermost range this bench added around the event, if any."""
+    return next((e.name[len(MARK):].strip() for e in chain if e.name.startswith(MARK)), None)
+
+
+def forward_class(event, chain: list) -> str | None:
     """The class a forward operator's range gives it (its backward inherits it through the sequence number)."""
-    for name in chain:
-        if name.startswith(MARK):
-            return RANGES[name[len(MARK):].strip()]
-    return "embedding" if event.name in EMBEDDING else None
+    return marked_class(chain) or ("embedding" if event.name in EMBEDDING else None)
 
 
 def by_name(name: str) -> str:
@@ -112,15 +115,14 @@ def classify(events) -> dict:
     by_sequence = {}
     for event in ops:  # forward operators that recorded an autograd node
         chain = chains[id(event)]
-        if event.sequence_nr >= 0 and not any(n.startswith("autograd::engine") for n in chain):
+        if event.sequence_nr >= 0 and not any(e.name.startswith("autograd::engine") for e in chain):
             by_sequence.setdefault(event.sequence_nr, forward_class(event, chain))
     totals = {key: defaultdict(float) for key in ("us", "flops", "elements")}
     for event in ops:
         chain = chains[id(event)]
-        kind = forward_class(event, chain) if any(n.startswith(MARK) for n in chain) else None
-        engine = next((n for n in chain if n.startswith("autograd::engine::evaluate_function")), None)
-        if kind is None and engine is not None:
-            node = next(p for p in _parents(event) if p.name == engine)
+        kind = marked_class(chain)
+        node = next((e for e in chain if e.name.startswith("autograd::engine::evaluate_function")), None)
+        if kind is None and node is not None:  # a backward operator: the class of the forward it undoes
             kind = by_sequence.get(node.sequence_nr)
         kind = kind or by_name(event.name)
         totals["us"][kind] += event.self_cpu_time_total
@@ -136,24 +138,10 @@ def classify(events) -> dict:
 def moved(event, kind: str) -> int:
     """Elements an operator reads and writes, from its recorded input shapes (the output taken as its largest
     input). The embedding table is left out: a lookup and its gradient touch only the batch's rows."""
-    sizes = [_numel(shape) for shape in event.input_shapes or [] if shape]
+    sizes = [math.prod(shape) for shape in event.input_shapes or [] if shape]
     if kind == "embedding":
         sizes = [size for size in sizes if size < TABLE]
     return sum(sizes) + max(sizes, default=0)
-
-
-def _parents(event):
-    parent = event.cpu_parent
-    while parent is not None:
-        yield parent
-        parent = parent.cpu_parent
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def settings_for(args: argparse.Namespace, prepared: Path, work: Path):
@@ -186,7 +174,8 @@ def profile_mode(args: argparse.Namespace) -> dict:
                        on_trace_ready=lambda done: traces.append(classify(done.events())))
 
     class Stepper(NullObserver):
-        rates: list[float] = []
+        def __init__(self) -> None:
+            self.rates: list[float] = []
 
         def on_step(self, step: int, metrics: dict[str, float]) -> None:
             self.rates.append(metrics["pairs_per_second"])
